@@ -1,0 +1,251 @@
+//! The one preprocessing recipe shared by the trainer and the daemon.
+//!
+//! Training and inference both call [`Recipe::tensor_from_rgb`], so the model sees exactly the
+//! same pixels at inference time as it saw during evaluation. The recipe itself is stored in the
+//! model manifest, so a model always carries the preprocessing it was trained with.
+
+use std::path::{Path, PathBuf};
+
+use image::{GrayImage, RgbImage, imageops::FilterType};
+use serde::{Deserialize, Serialize};
+
+/// Mask pixels strictly above this grey value count as polyp. JPEG masks carry grey edges.
+pub const MASK_THRESHOLD: u8 = 127;
+
+/// Errors raised while decoding or preparing an image.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    /// The file could not be read from disk.
+    #[error("cannot read image {path}: {source}")]
+    Read {
+        /// The file that failed.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a decodable image (corrupt or truncated JPEG/PNG/TIFF).
+    #[error("cannot decode image {what}: {source} (is the file a complete JPEG/PNG/TIFF?)")]
+    Decode {
+        /// The file or buffer that failed.
+        what: String,
+        /// The decoder's error.
+        source: image::ImageError,
+    },
+    /// The recipe is unusable (for example a zero size or a zero standard deviation).
+    #[error("invalid preprocessing recipe: {0}")]
+    Recipe(String),
+}
+
+/// Resampling filter used to bring a frame to the model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeFilter {
+    /// Nearest neighbour.
+    Nearest,
+    /// Bilinear ("triangle") filter with a support that widens when downscaling (anti-aliased).
+    Triangle,
+}
+
+impl ResizeFilter {
+    fn to_image(self) -> FilterType {
+        match self {
+            ResizeFilter::Nearest => FilterType::Nearest,
+            ResizeFilter::Triangle => FilterType::Triangle,
+        }
+    }
+}
+
+/// How a decoded RGB image becomes the model's input tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Model input height in pixels.
+    pub height: u32,
+    /// Model input width in pixels.
+    pub width: u32,
+    /// Resampling filter used for the resize.
+    pub resize_filter: ResizeFilter,
+    /// Per-channel mean (R, G, B) subtracted after scaling pixels to 0..1.
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation (R, G, B) divided after the mean is subtracted.
+    pub std: [f32; 3],
+}
+
+impl Recipe {
+    /// The recipe our models use: ImageNet statistics, triangle filter, square input.
+    pub fn square(size: u32) -> Self {
+        Recipe {
+            height: size,
+            width: size,
+            resize_filter: ResizeFilter::Triangle,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+
+    /// Checks that the recipe can be applied.
+    pub fn validate(&self) -> Result<(), PreprocessError> {
+        if self.height == 0 || self.width == 0 {
+            return Err(PreprocessError::Recipe(format!(
+                "input size {}x{} must be non-zero",
+                self.width, self.height
+            )));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(PreprocessError::Recipe(format!(
+                "std {:?} must be positive",
+                self.std
+            )));
+        }
+        Ok(())
+    }
+
+    /// Resizes an RGB image to the model input size with the recipe's filter.
+    pub fn resize(&self, img: &RgbImage) -> RgbImage {
+        if img.dimensions() == (self.width, self.height) {
+            return img.clone();
+        }
+        image::imageops::resize(img, self.width, self.height, self.resize_filter.to_image())
+    }
+
+    /// Resizes a mask to the model input size and binarises it (1 = polyp, 0 = background).
+    ///
+    /// Masks are resized with the same filter as images, then thresholded at [`MASK_THRESHOLD`],
+    /// so that a mask's boundary lands where the image's boundary lands.
+    pub fn resize_mask(&self, mask: &GrayImage) -> Vec<u8> {
+        let resized;
+        let m = if mask.dimensions() == (self.width, self.height) {
+            mask
+        } else {
+            resized = image::imageops::resize(
+                mask,
+                self.width,
+                self.height,
+                self.resize_filter.to_image(),
+            );
+            &resized
+        };
+        binarize(m)
+    }
+
+    /// Writes an already-resized RGB image into `out` as normalised planar CHW floats.
+    ///
+    /// `out` must hold `3 * height * width` values; this is the model's input layout.
+    pub fn normalize_into(&self, img: &RgbImage, out: &mut [f32]) {
+        let plane = (self.width * self.height) as usize;
+        assert_eq!(img.dimensions(), (self.width, self.height), "resize first");
+        assert_eq!(out.len(), 3 * plane, "output buffer must hold 3*H*W floats");
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let offset: [f32; 3] = std::array::from_fn(|c| self.mean[c] / self.std[c]);
+        for (i, px) in img.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = px.0[c] as f32 * scale[c] - offset[c];
+            }
+        }
+    }
+
+    /// Resize then normalise: the full path from a decoded frame to the model input (CHW).
+    pub fn tensor_from_rgb(&self, img: &RgbImage) -> Vec<f32> {
+        let resized = self.resize(img);
+        let mut out = vec![0.0; 3 * (self.width * self.height) as usize];
+        self.normalize_into(&resized, &mut out);
+        out
+    }
+}
+
+/// Binarises a grey mask at [`MASK_THRESHOLD`] into 0/1 bytes.
+pub fn binarize(mask: &GrayImage) -> Vec<u8> {
+    mask.as_raw()
+        .iter()
+        .map(|&v| u8::from(v > MASK_THRESHOLD))
+        .collect()
+}
+
+/// Decodes an image from memory into RGB8, whatever its format and colour type.
+pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage, PreprocessError> {
+    image::load_from_memory(bytes)
+        .map(|i| i.to_rgb8())
+        .map_err(|source| PreprocessError::Decode {
+            what: what.to_string(),
+            source,
+        })
+}
+
+/// Reads and decodes an image file into RGB8.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, PreprocessError> {
+    let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_rgb(&bytes, &path.display().to_string())
+}
+
+/// Reads and decodes a mask file into 8-bit grey.
+pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
+    let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    image::load_from_memory(&bytes)
+        .map(|i| i.to_luma8())
+        .map_err(|source| PreprocessError::Decode {
+            what: path.display().to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{Luma, Rgb};
+
+    #[test]
+    fn normalize_matches_hand_computation() {
+        let r = Recipe::square(2);
+        let img = RgbImage::from_fn(2, 2, |x, y| Rgb([(x * 255) as u8, (y * 255) as u8, 51]));
+        let t = r.tensor_from_rgb(&img);
+        assert_eq!(t.len(), 12);
+        // R plane, pixel (x=1, y=0): (1.0 - 0.485) / 0.229
+        assert!((t[1] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+        // G plane, pixel (x=0, y=1): (1.0 - 0.456) / 0.224
+        assert!((t[4 + 2] - (1.0 - 0.456) / 0.224).abs() < 1e-5);
+        // B plane, every pixel 0.2
+        assert!((t[8] - (0.2 - 0.406) / 0.225).abs() < 1e-5);
+    }
+
+    #[test]
+    fn resize_reaches_the_model_size() {
+        let r = Recipe {
+            height: 4,
+            width: 6,
+            ..Recipe::square(1)
+        };
+        let img = RgbImage::new(13, 7);
+        assert_eq!(r.resize(&img).dimensions(), (6, 4));
+        assert_eq!(r.tensor_from_rgb(&img).len(), 3 * 4 * 6);
+    }
+
+    #[test]
+    fn masks_binarise_at_127() {
+        let m = GrayImage::from_raw(4, 1, vec![0, 127, 128, 255]).unwrap();
+        assert_eq!(binarize(&m), vec![0, 0, 1, 1]);
+        let r = Recipe::square(4);
+        let big = GrayImage::from_pixel(8, 8, Luma([200]));
+        assert!(r.resize_mask(&big).iter().all(|&v| v == 1));
+    }
+
+    #[test]
+    fn corrupt_bytes_are_a_decode_error() {
+        let err = decode_rgb(b"\xff\xd8\xff\xe0 not really a jpeg", "frame 7").unwrap_err();
+        assert!(err.to_string().contains("frame 7"), "{err}");
+    }
+
+    #[test]
+    fn bad_recipes_are_rejected() {
+        let mut r = Recipe::square(8);
+        r.std[1] = 0.0;
+        assert!(r.validate().is_err());
+        assert!(Recipe::square(0).validate().is_err());
+        assert!(Recipe::square(8).validate().is_ok());
+    }
+}

@@ -1,0 +1,219 @@
+//! `polypwatch-train export`: ONNX + manifest, verified through tract before it is accepted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::prelude::*;
+use polypwatch::dataset::Dataset;
+use polypwatch::manifest::{
+    FORMAT_VERSION, InputInfo, Manifest, ModelInfo, OutputInfo, Provenance, sha256_file,
+};
+use polypwatch::metrics::SetScores;
+use polypwatch::model::{Segmenter, load_checked};
+use polypwatch::preprocess::Recipe;
+use tract_onnx::prelude::{IntoRunnable, tvec};
+
+use crate::eval::{run_config, weights_path};
+use crate::train::{self, RunDir, THRESHOLD};
+
+/// Largest accepted |logit difference| between Burn and tract.
+pub const MAX_LOGIT_DIFF: f32 = 1e-3;
+/// Smallest accepted fraction of pixels whose thresholded masks agree.
+pub const MIN_MASK_AGREEMENT: f64 = 0.999;
+
+/// Options of `polypwatch-train export`.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// The run folder.
+    pub run: PathBuf,
+    /// `best`, `last` or a weights file.
+    pub weights: String,
+    /// Output folder for `.onnx` and manifest.
+    pub out: PathBuf,
+    /// Model name (file prefix).
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// Overrides the dataset root.
+    pub data: Option<PathBuf>,
+    /// Validation images used to verify the export.
+    pub verify_images: usize,
+}
+
+/// What the verification measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Verification {
+    /// Images compared.
+    pub images: usize,
+    /// Largest |Burn logit - tract logit|.
+    pub max_logit_diff: f32,
+    /// Fraction of pixels whose thresholded masks agree.
+    pub mask_agreement: f64,
+}
+
+fn git_commit() -> String {
+    let out = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => "unknown".into(),
+    }
+}
+
+/// Runs `onnx` through tract and compares it with Burn's logits on the same inputs.
+pub fn verify(
+    onnx: &Path,
+    manifest: &Manifest,
+    inputs: &[Vec<f32>],
+    burn_logits: &[Vec<f32>],
+) -> Result<Verification> {
+    let plan = load_checked(onnx, manifest)?
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| anyhow::anyhow!("tract cannot optimise {}: {e:#}", onnx.display()))?;
+    let (h, w) = (
+        manifest.preprocess.height as usize,
+        manifest.preprocess.width as usize,
+    );
+    let logit_t = (THRESHOLD / (1.0 - THRESHOLD)).ln();
+    let (mut max_diff, mut agree, mut total) = (0f32, 0usize, 0usize);
+    for (x, ours) in inputs.iter().zip(burn_logits) {
+        let t = tract_onnx::prelude::Tensor::from_shape(&[1, 3, h, w], x)?;
+        let out = plan.run(tvec!(t.into()))?;
+        let theirs = out[0].to_plain_array_view::<f32>()?;
+        for (&a, &b) in ours.iter().zip(theirs.iter()) {
+            max_diff = max_diff.max((a - b).abs());
+            agree += usize::from((a >= logit_t) == (b >= logit_t));
+            total += 1;
+        }
+    }
+    Ok(Verification {
+        images: inputs.len(),
+        max_logit_diff: max_diff,
+        mask_agreement: agree as f64 / total.max(1) as f64,
+    })
+}
+
+/// Exports the run's model to ONNX f32 with its manifest, verified through tract.
+pub fn export(opts: &ExportOptions) -> Result<PathBuf> {
+    let run = RunDir(opts.run.clone());
+    let cfg = run_config(&run, opts.data.as_deref())?;
+    let device = Device::flex();
+    let model = train::load_model(&cfg, &weights_path(&run, &opts.weights), &device)?.valid();
+    let size = cfg.train.input_size as usize;
+    let recipe = Recipe::square(cfg.train.input_size);
+
+    std::fs::create_dir_all(&opts.out)?;
+    let onnx_name = format!("{}-f32.onnx", opts.name);
+    let onnx_path = opts.out.join(&onnx_name);
+    let doc = format!(
+        "{} {} ({})",
+        opts.name,
+        opts.version,
+        cfg.model.architecture()
+    );
+    std::fs::write(&onnx_path, model.export_onnx(size, size, &doc))
+        .with_context(|| format!("writing {}", onnx_path.display()))?;
+
+    let eval_json = run.0.join("eval.json");
+    let metrics: BTreeMap<String, SetScores> = match std::fs::read_to_string(&eval_json) {
+        Ok(t) => {
+            serde_json::from_str(&t).with_context(|| format!("reading {}", eval_json.display()))?
+        }
+        Err(_) => BTreeMap::new(),
+    };
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        model: ModelInfo {
+            name: opts.name.clone(),
+            version: opts.version.clone(),
+            architecture: cfg.model.architecture(),
+            onnx: onnx_name,
+            sha256: sha256_file(&onnx_path)?,
+            precision: "f32".into(),
+        },
+        input: InputInfo {
+            channel_order: "RGB".into(),
+            layout: "NCHW".into(),
+        },
+        preprocess: recipe.clone(),
+        output: OutputInfo {
+            meaning: "logit".into(),
+            threshold: THRESHOLD,
+        },
+        provenance: Provenance {
+            training_data: format!("Kvasir-SEG ({})", cfg.data.root.display()),
+            split: format!(
+                "{} minus a {:.0}% validation carve-out (seed {}); test: {}",
+                cfg.data.train_split.display(),
+                cfg.data.val_fraction * 100.0,
+                cfg.data.seed,
+                cfg.data.test_split.display()
+            ),
+            trainer_commit: git_commit(),
+            tract_version: polypwatch::TRACT_VERSION.into(),
+            created: now_rfc3339(),
+            command: format!(
+                "polypwatch-train train --config <run>/config.toml --out {}",
+                run.0.display()
+            ),
+        },
+        metrics,
+    };
+
+    // Verify on real validation images: Burn and tract must agree.
+    let val = Dataset::open_split(&cfg.data.root, &run.0.join("val.txt"))?;
+    let n = opts.verify_images.min(val.len()).max(1);
+    let items = train::load_with_bar("verify", &val.samples[..n.min(val.len())], &recipe, true)?;
+    let inputs: Vec<Vec<f32>> = items
+        .iter()
+        .map(|i| recipe.tensor_from_rgb(&i.image))
+        .collect();
+    let burn_logits = train::predict_logits(&model, &items, &recipe, &device);
+    let v = verify(&onnx_path, &manifest, &inputs, &burn_logits)?;
+    eprintln!(
+        "verified {} on {} validation images: max |logit diff| {:.2e}, mask agreement {:.5}",
+        onnx_path.display(),
+        v.images,
+        v.max_logit_diff,
+        v.mask_agreement
+    );
+    if v.max_logit_diff > MAX_LOGIT_DIFF || v.mask_agreement < MIN_MASK_AGREEMENT {
+        let rejected = onnx_path.with_extension("onnx.rejected");
+        let _ = std::fs::rename(&onnx_path, &rejected);
+        bail!(
+            "export verification failed: max |logit diff| {:.2e} (limit {MAX_LOGIT_DIFF:.0e}), mask agreement {:.5} (limit {MIN_MASK_AGREEMENT}); file moved to {}",
+            v.max_logit_diff,
+            v.mask_agreement,
+            rejected.display()
+        );
+    }
+    let manifest_path = opts.out.join(format!("{}-f32.toml", opts.name));
+    manifest.save(&manifest_path)?;
+    // The daemon's own loader must accept it.
+    Segmenter::load(&manifest_path)?;
+    Ok(manifest_path)
+}
+
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86400;
+    let (h, m, s) = (secs % 86400 / 3600, secs % 3600 / 60, secs % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}

@@ -1,0 +1,15 @@
+//! polypwatch-train: trains DeepLabv3+ on Kvasir-SEG with Burn and exports verified ONNX models
+//! with the manifest the polypwatch daemon checks.
+//!
+//! Laid out like Burn's examples: [`model`], [`data`], [`train`], [`eval`] and [`export`] in
+//! separate files; preprocessing, datasets and metrics come from the `polypwatch` library so
+//! that training and inference cannot drift apart.
+
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod export;
+pub mod model;
+pub mod onnx;
+pub mod plot;
+pub mod train;

@@ -1,0 +1,170 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use polypwatch_train::eval;
+use polypwatch_train::export::{self, ExportOptions};
+use polypwatch_train::train::{self, Backend, RunDir, TrainOptions};
+
+/// Train, evaluate and export the polypwatch DeepLabv3+ polyp segmentation model.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train (or resume) a model from a TOML configuration.
+    Train {
+        /// Training configuration (see trainer/configs/).
+        #[arg(long)]
+        config: PathBuf,
+        /// Run folder for checkpoints, metrics.csv and curves.png [default: runs/<config name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Compute backend.
+        #[arg(long, value_enum, default_value = "flex")]
+        backend: Backend,
+        /// Dataset folder, overriding [data] root.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Number of epochs, overriding [train] epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Use at most N training images (smoke runs).
+        #[arg(long)]
+        max_images: Option<usize>,
+        /// Stop after N epochs of this invocation; continue later with --resume.
+        #[arg(long)]
+        stop_after: Option<usize>,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Evaluate a run on its train, validation and test sets.
+    Eval {
+        /// Run folder.
+        #[arg(long)]
+        run: PathBuf,
+        /// `best`, `last` or a .bpk file.
+        #[arg(long, default_value = "best")]
+        weights: String,
+        /// Dataset folder, overriding the run's.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Where to write the JSON [default: <run>/eval.json].
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Compute backend.
+        #[arg(long, value_enum, default_value = "flex")]
+        backend: Backend,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Export a run's model to ONNX with its manifest, verified through tract.
+    Export {
+        /// Run folder.
+        #[arg(long)]
+        run: PathBuf,
+        /// `best`, `last` or a .bpk file.
+        #[arg(long, default_value = "best")]
+        weights: String,
+        /// Output folder.
+        #[arg(long, default_value = "models")]
+        out: PathBuf,
+        /// Model name (file prefix).
+        #[arg(long, default_value = "polypwatch-edge")]
+        name: String,
+        /// Model version.
+        #[arg(long, default_value = "0.1.0")]
+        version: String,
+        /// Dataset folder, overriding the run's.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Validation images used to verify the export.
+        #[arg(long, default_value_t = 16)]
+        verify_images: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Train {
+            config,
+            out,
+            resume,
+            backend,
+            data,
+            epochs,
+            max_images,
+            stop_after,
+            quiet,
+        } => {
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from("runs").join(config.file_stem().unwrap_or_default())
+            });
+            let state = train::train(&TrainOptions {
+                config,
+                out: out.clone(),
+                resume,
+                backend,
+                data,
+                epochs,
+                max_images,
+                stop_after,
+                quiet,
+            })?;
+            println!(
+                "done: {} epochs, best validation mean IoU {:.4} at epoch {} ({:.1} min); weights in {}",
+                state.epochs_done,
+                state.best_val_iou,
+                state.best_epoch,
+                state.train_seconds / 60.0,
+                RunDir(out).best_model().display()
+            );
+        }
+        Command::Eval {
+            run,
+            weights,
+            data,
+            json,
+            backend,
+            quiet,
+        } => {
+            let rd = RunDir(run.clone());
+            let scores = eval::eval(&rd, &weights, data.as_deref(), backend, quiet)?;
+            eval::print_table(&scores);
+            let json = json.unwrap_or_else(|| run.join("eval.json"));
+            std::fs::write(&json, serde_json::to_string_pretty(&scores)?)
+                .with_context(|| format!("writing {}", json.display()))?;
+            eprintln!("wrote {}", json.display());
+        }
+        Command::Export {
+            run,
+            weights,
+            out,
+            name,
+            version,
+            data,
+            verify_images,
+        } => {
+            let manifest = export::export(&ExportOptions {
+                run,
+                weights,
+                out,
+                name,
+                version,
+                data,
+                verify_images,
+            })?;
+            println!("{}", manifest.display());
+        }
+    }
+    Ok(())
+}

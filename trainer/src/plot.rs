@@ -1,0 +1,70 @@
+//! Training curves as a PNG (plotters, text drawn with an embedded DejaVu Sans so no system
+//! font library is needed).
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+
+static FONT: Once = Once::new();
+
+fn register_font() {
+    FONT.call_once(|| {
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            include_bytes!("../assets/DejaVuSans.ttf"),
+        );
+    });
+}
+
+/// Reads `metrics.csv` and draws loss (left) and validation Dice/IoU (right).
+pub fn curves(csv: &Path, png: &Path) -> Result<()> {
+    register_font();
+    let text =
+        std::fs::read_to_string(csv).with_context(|| format!("reading {}", csv.display()))?;
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').map(|v| v.parse().ok()).collect())
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let epochs = rows.len() as f64;
+    let series = |col: usize| -> Vec<(f64, f64)> { rows.iter().map(|r| (r[0], r[col])).collect() };
+    let root = BitMapBackend::new(png, (1200, 450)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+
+    let max_loss = rows.iter().map(|r| r[1]).fold(0.0, f64::max) * 1.05;
+    let mut c = ChartBuilder::on(&left)
+        .caption("training loss (BCE + Dice)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1.0..epochs.max(2.0), 0.0..max_loss.max(1e-3))?;
+    c.configure_mesh().x_desc("epoch").draw()?;
+    c.draw_series(LineSeries::new(series(1), &RED))?;
+
+    let mut c = ChartBuilder::on(&right)
+        .caption("validation", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1.0..epochs.max(2.0), 0.0..1.0)?;
+    c.configure_mesh().x_desc("epoch").draw()?;
+    c.draw_series(LineSeries::new(series(2), &BLUE))?
+        .label("mean Dice")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    c.draw_series(LineSeries::new(series(3), &GREEN))?
+        .label("mean IoU")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

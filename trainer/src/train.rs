@@ -1,0 +1,468 @@
+//! The training loop: augmentation, BCE + Dice loss, Adam with a poly schedule, per-epoch
+//! validation, metrics.csv and curves, best/last checkpoints and bit-for-bit resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{relu, sigmoid};
+use indicatif::{ProgressBar, ProgressStyle};
+use polypwatch::metrics::{Accumulator, ImageScores, SetScores};
+use polypwatch::model::sigmoid as sigmoid_f32;
+use polypwatch::preprocess::Recipe;
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::data::{self, Item};
+use crate::model::DeepLab;
+use crate::plot;
+
+/// Decision threshold on the probability used for validation metrics.
+pub const THRESHOLD: f32 = 0.5;
+
+/// Which Burn backend runs the computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// burn-flex: the fast pure-Rust CPU backend (default).
+    Flex,
+    /// burn-ndarray (deprecated in Burn 0.22, slower; build with `--features ndarray`).
+    Ndarray,
+    /// burn-cuda on an NVIDIA GPU (build with `--features cuda`).
+    Cuda,
+}
+
+impl Backend {
+    /// The device for this backend, without autodiff.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            Backend::Flex => Ok(Device::flex()),
+            #[cfg(feature = "ndarray")]
+            #[allow(deprecated)]
+            Backend::Ndarray => Ok(Device::ndarray()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => Ok(Device::cuda(0)),
+            #[allow(unreachable_patterns)]
+            other => bail!(
+                "backend {other:?} is not compiled in: rebuild with `--features {}`",
+                format!("{other:?}").to_lowercase()
+            ),
+        }
+    }
+}
+
+/// Options of `polypwatch-train train`.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The run folder (checkpoints, metrics, curves).
+    pub out: PathBuf,
+    /// Continue from the run folder's last checkpoint.
+    pub resume: bool,
+    /// Backend.
+    pub backend: Backend,
+    /// Overrides `[data] root`.
+    pub data: Option<PathBuf>,
+    /// Overrides `[train] epochs`.
+    pub epochs: Option<usize>,
+    /// Uses at most this many training (and validation) images: for smoke runs.
+    pub max_images: Option<usize>,
+    /// Stop after this many epochs of this invocation, as if killed (resume later).
+    pub stop_after: Option<usize>,
+    /// Hide progress bars (logs and CI).
+    pub quiet: bool,
+}
+
+/// What a run folder remembers between epochs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunState {
+    /// Epochs completed.
+    pub epochs_done: usize,
+    /// Optimiser steps taken.
+    pub steps_done: usize,
+    /// Best validation mean IoU so far.
+    pub best_val_iou: f64,
+    /// Epoch (1-based) of the best checkpoint.
+    pub best_epoch: usize,
+    /// Training wall time so far, seconds.
+    pub train_seconds: f64,
+}
+
+/// Files of a run folder.
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    /// The effective configuration.
+    pub fn config(&self) -> PathBuf {
+        self.0.join("config.toml")
+    }
+    /// The checkpoint to resume from.
+    pub fn last(&self) -> PathBuf {
+        self.0.join("last")
+    }
+    /// The best model by validation mean IoU.
+    pub fn best_model(&self) -> PathBuf {
+        self.0.join("best.bpk")
+    }
+    /// Per-epoch metrics.
+    pub fn metrics_csv(&self) -> PathBuf {
+        self.0.join("metrics.csv")
+    }
+}
+
+/// BCE-with-logits plus soft Dice (per image, smoothed by 1), weighted.
+pub fn loss(logits: Tensor<4>, target: Tensor<4>, bce_w: f64, dice_w: f64) -> Tensor<1> {
+    let n = logits.dims()[0];
+    // max(x, 0) - x y + log(1 + exp(-|x|)): stable for large |x|.
+    let bce = (relu(logits.clone()) - logits.clone() * target.clone()
+        + logits.clone().abs().neg().exp().log1p())
+    .mean();
+    let p = sigmoid(logits).reshape([n as i32, -1]);
+    let t = target.reshape([n as i32, -1]);
+    let inter = (p.clone() * t.clone()).sum_dim(1);
+    let dice = (inter.mul_scalar(2.0).add_scalar(1.0)
+        / (p.sum_dim(1) + t.sum_dim(1)).add_scalar(1.0))
+    .neg()
+    .add_scalar(1.0)
+    .mean();
+    bce.mul_scalar(bce_w) + dice.mul_scalar(dice_w)
+}
+
+/// Polyp logits (H x W each) of a set of items, in batches, in inference mode.
+pub fn predict_logits(
+    model: &DeepLab,
+    items: &[Item],
+    recipe: &Recipe,
+    device: &Device,
+) -> Vec<Vec<f32>> {
+    let device = device.clone().inner();
+    let model = model.valid().to_device(&device);
+    let plane = (recipe.height * recipe.width) as usize;
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(8) {
+        let imgs: Vec<_> = chunk.iter().map(|i| i.image.clone()).collect();
+        let masks: Vec<&[u8]> = chunk.iter().map(|i| i.mask.as_slice()).collect();
+        let (x, _) = data::batch(&imgs, &masks, recipe, &device);
+        let v: Vec<f32> = model
+            .forward(x)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32");
+        out.extend(v.chunks(plane).map(|c| c.to_vec()));
+    }
+    out
+}
+
+/// Scores a set of items with the library's metrics.
+pub fn evaluate(model: &DeepLab, items: &[Item], recipe: &Recipe, device: &Device) -> SetScores {
+    let logits = predict_logits(model, items, recipe, device);
+    let mut acc = Accumulator::default();
+    for (l, item) in logits.iter().zip(items) {
+        let p: Vec<f32> = l.iter().map(|&v| sigmoid_f32(v)).collect();
+        acc.push(&ImageScores::compute(&p, THRESHOLD, &item.mask));
+    }
+    acc.finish()
+}
+
+fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(ProgressStyle::with_template(template).expect("valid template"));
+    pb
+}
+
+/// Loads the items of a sample list with a progress bar.
+pub fn load_with_bar(
+    what: &str,
+    samples: &[polypwatch::dataset::Sample],
+    recipe: &Recipe,
+    quiet: bool,
+) -> Result<Vec<Item>> {
+    let pb = bar(
+        samples.len() as u64,
+        quiet,
+        &format!("loading {what:<10} [{{bar:30}}] {{pos}}/{{len}} {{eta}}"),
+    );
+    let items = data::load_items(samples, recipe, || pb.inc(1))?;
+    pb.finish_and_clear();
+    Ok(items)
+}
+
+fn save_checkpoint(
+    run: &RunDir,
+    model: &DeepLab,
+    optim_bytes: burn::tensor::Bytes,
+    state: &RunState,
+) -> Result<()> {
+    // Write the new checkpoint beside the old one, then swap, so a kill never leaves a
+    // half-written `last/`.
+    let tmp = run.0.join("last.tmp");
+    let old = run.0.join("last.old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    model
+        .clone()
+        .save_file(tmp.join("model.bpk"))
+        .map_err(|e| anyhow::anyhow!("saving model: {e:?}"))?;
+    std::fs::write(tmp.join("optim.bpk"), &*optim_bytes)?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if run.last().exists() {
+        std::fs::rename(run.last(), &old)?;
+    }
+    std::fs::rename(&tmp, run.last())?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn find_checkpoint(run: &RunDir) -> Option<PathBuf> {
+    [run.last(), run.0.join("last.old")]
+        .into_iter()
+        .find(|p| p.join("state.json").exists())
+}
+
+/// Loads a model of `cfg` from a `.bpk` record.
+pub fn load_model(cfg: &TrainConfig, path: &Path, device: &Device) -> Result<DeepLab> {
+    DeepLab::new(&cfg.model, device)
+        .try_load_file(path)
+        .map_err(|e| anyhow::anyhow!("cannot load weights {}: {e:?}", path.display()))
+}
+
+/// Runs (or resumes) a training run.
+pub fn train(opts: &TrainOptions) -> Result<RunState> {
+    let run = RunDir(opts.out.clone());
+    let mut cfg = TrainConfig::load(&opts.config)?;
+    if let Some(root) = &opts.data {
+        cfg.data.root = root.clone();
+    }
+    if let Some(e) = opts.epochs {
+        cfg.train.epochs = e;
+    }
+    std::fs::create_dir_all(&run.0).with_context(|| format!("creating {}", run.0.display()))?;
+    let mut state = RunState::default();
+    let checkpoint = if opts.resume {
+        let ck = find_checkpoint(&run).with_context(|| {
+            format!(
+                "--resume: no checkpoint in {}; start without --resume",
+                run.0.display()
+            )
+        })?;
+        let saved = TrainConfig::load(&run.config())?;
+        let mut cmp = saved.clone();
+        cmp.train.epochs = cfg.train.epochs;
+        cmp.data.root = cfg.data.root.clone();
+        if cmp != cfg {
+            bail!(
+                "--resume: {} differs from the run's {} (only epochs and the data path may change)",
+                opts.config.display(),
+                run.config().display()
+            );
+        }
+        state = serde_json::from_str(&std::fs::read_to_string(ck.join("state.json"))?)?;
+        truncate_metrics(&run.metrics_csv(), state.epochs_done)?;
+        Some(ck)
+    } else {
+        if find_checkpoint(&run).is_some() {
+            bail!(
+                "{} already holds a run: pass --resume to continue it or choose another --out",
+                run.0.display()
+            );
+        }
+        None
+    };
+    std::fs::write(run.config(), toml::to_string_pretty(&cfg)?)?;
+
+    let recipe = Recipe::square(cfg.train.input_size);
+    let mut splits = data::splits(&cfg)?;
+    if let Some(m) = opts.max_images {
+        splits.train.truncate(m);
+        splits.val.truncate(m.div_ceil(4).max(2));
+    }
+    data::write_names(&run.0.join("train.txt"), &splits.train)?;
+    data::write_names(&run.0.join("val.txt"), &splits.val)?;
+    let train_items = load_with_bar("training", &splits.train, &recipe, opts.quiet)?;
+    let val_items = load_with_bar("validation", &splits.val, &recipe, opts.quiet)?;
+    let bs = cfg.train.batch_size.min(train_items.len());
+    if bs < 2 {
+        bail!(
+            "need at least 2 training images, found {}",
+            train_items.len()
+        );
+    }
+
+    let device = opts.backend.device()?;
+    device.seed(cfg.data.seed);
+    let device = device.autodiff();
+    let mut model = DeepLab::new(&cfg.model, &device);
+    let mut adam = AdamConfig::new();
+    if cfg.train.weight_decay > 0.0 {
+        adam = adam.with_weight_decay(Some(WeightDecayConfig::new(cfg.train.weight_decay as f32)));
+    }
+    let mut optim = adam.init();
+    if let Some(ck) = &checkpoint {
+        model = load_model(&cfg, &ck.join("model.bpk"), &device)?;
+        optim = optim
+            .load(ck.join("optim.bpk"))
+            .map_err(|e| anyhow::anyhow!("cannot load optimiser state: {e:?}"))?;
+        eprintln!(
+            "resuming {} after epoch {} (best val mIoU {:.4} at epoch {})",
+            run.0.display(),
+            state.epochs_done,
+            state.best_val_iou,
+            state.best_epoch
+        );
+    } else {
+        std::fs::write(
+            run.metrics_csv(),
+            "epoch,train_loss,val_dice,val_iou,lr,images_per_s,epoch_seconds\n",
+        )?;
+    }
+
+    let crop = cfg.train.crop.unwrap_or(cfg.train.input_size);
+    let steps_per_epoch = train_items.len() / bs;
+    let total_steps = steps_per_epoch * cfg.train.epochs;
+    eprintln!(
+        "training {} ({} parameters) on {} images, validating on {}, {} epochs of {} steps",
+        cfg.model.architecture(),
+        model.num_params(),
+        train_items.len(),
+        val_items.len(),
+        cfg.train.epochs,
+        steps_per_epoch
+    );
+    let last_epoch = match opts.stop_after {
+        Some(n) => (state.epochs_done + n).min(cfg.train.epochs),
+        None => cfg.train.epochs,
+    };
+    for epoch in state.epochs_done..last_epoch {
+        let start = Instant::now();
+        // One RNG per epoch, derived from the seed: a resumed run draws the same batches.
+        let mut rng = StdRng::seed_from_u64(
+            cfg.data.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let mut order: Vec<usize> = (0..train_items.len()).collect();
+        order.shuffle(&mut rng);
+        let pb = bar(
+            steps_per_epoch as u64,
+            opts.quiet,
+            &format!(
+                "epoch {:>3}/{} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}",
+                epoch + 1,
+                cfg.train.epochs
+            ),
+        );
+        let mut loss_sum = 0.0;
+        let mut lr = 0.0;
+        for (step, idx) in order.chunks_exact(bs).enumerate() {
+            let (imgs, masks): (Vec<_>, Vec<_>) = idx
+                .iter()
+                .map(|&i| data::augment(&train_items[i], &cfg.augment, crop, &mut rng))
+                .unzip();
+            let mrefs: Vec<&[u8]> = masks.iter().map(|m| m.as_slice()).collect();
+            let (x, y) = data::batch(&imgs, &mrefs, &recipe, &device);
+            let l = loss(
+                model.forward(x),
+                y,
+                cfg.train.bce_weight,
+                cfg.train.dice_weight,
+            );
+            let lv: f64 = l.clone().into_scalar::<f32>() as f64;
+            if !lv.is_finite() {
+                bail!(
+                    "loss became {lv} at epoch {} step {step}: lower [train] lr",
+                    epoch + 1
+                );
+            }
+            let grads = GradientsParams::from_grads(l.backward(), &model);
+            lr = cfg.lr_at(epoch, state.steps_done, total_steps);
+            model = optim.step(lr, model, grads);
+            state.steps_done += 1;
+            loss_sum += lv;
+            let done = (step + 1) as f64;
+            pb.set_message(format!(
+                "loss {:.4} lr {lr:.2e} {:.1} img/s",
+                loss_sum / done,
+                done * bs as f64 / start.elapsed().as_secs_f64()
+            ));
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let train_secs = start.elapsed().as_secs_f64();
+        let val = evaluate(&model, &val_items, &recipe, &device);
+        let secs = start.elapsed().as_secs_f64();
+        state.epochs_done = epoch + 1;
+        state.train_seconds += secs;
+        let train_loss = loss_sum / steps_per_epoch.max(1) as f64;
+        let ips = (steps_per_epoch * bs) as f64 / train_secs;
+        let line = format!(
+            "{},{train_loss:.6},{:.6},{:.6},{lr:.3e},{ips:.2},{secs:.1}\n",
+            epoch + 1,
+            val.mean_dice,
+            val.mean_iou
+        );
+        append(&run.metrics_csv(), &line)?;
+        let is_best = val.mean_iou > state.best_val_iou || state.best_epoch == 0;
+        if is_best {
+            state.best_val_iou = val.mean_iou;
+            state.best_epoch = epoch + 1;
+            model
+                .clone()
+                .save_file(run.best_model())
+                .map_err(|e| anyhow::anyhow!("saving best model: {e:?}"))?;
+        }
+        let optim_bytes = optim
+            .into_bytes()
+            .map_err(|e| anyhow::anyhow!("serialising optimiser: {e:?}"))?;
+        save_checkpoint(&run, &model, optim_bytes, &state)?;
+        if let Err(e) = plot::curves(&run.metrics_csv(), &run.0.join("curves.png")) {
+            eprintln!("warning: could not draw curves: {e:#}");
+        }
+        eprintln!(
+            "epoch {:>3}/{}  loss {train_loss:.4}  val dice {:.4} iou {:.4}{}  lr {lr:.2e}  {ips:.1} img/s  {secs:.0}s",
+            epoch + 1,
+            cfg.train.epochs,
+            val.mean_dice,
+            val.mean_iou,
+            if is_best { " (best)" } else { "" }
+        );
+    }
+    Ok(state)
+}
+
+fn append(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.write_all(line.as_bytes())?;
+    Ok(())
+}
+
+/// Drops metric rows of epochs after the checkpoint (written before a kill), so that a resumed
+/// run's metrics.csv has one row per epoch.
+fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .enumerate()
+        .filter(|(i, l)| {
+            *i == 0
+                || l.split(',')
+                    .next()
+                    .and_then(|e| e.parse::<usize>().ok())
+                    .is_some_and(|e| e <= epochs_done)
+        })
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept).with_context(|| format!("rewriting {}", path.display()))
+}
