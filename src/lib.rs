@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod dataset;
+pub mod evaluate;
 pub mod manifest;
 pub mod metrics;
 pub mod model;

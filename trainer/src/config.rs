@@ -115,14 +115,14 @@ impl TrainConfig {
     fn validate(&self) -> Result<()> {
         self.model.validate().map_err(anyhow::Error::msg)?;
         let t = &self.train;
-        if t.input_size < 32 || t.input_size % 16 != 0 {
+        if t.input_size < 32 || !t.input_size.is_multiple_of(16) {
             bail!(
                 "[train] input_size = {} must be a multiple of 16, at least 32",
                 t.input_size
             );
         }
         if let Some(c) = t.crop
-            && (c < 32 || c % 16 != 0 || c > t.input_size)
+            && (c < 32 || !c.is_multiple_of(16) || c > t.input_size)
         {
             bail!("[train] crop = {c} must be a multiple of 16 in 32..=input_size");
         }

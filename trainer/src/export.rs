@@ -7,15 +7,17 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::prelude::*;
 use polypwatch::dataset::Dataset;
+use polypwatch::evaluate::{evaluate, score_sample};
 use polypwatch::manifest::{
     FORMAT_VERSION, InputInfo, Manifest, ModelInfo, OutputInfo, Provenance, sha256_file,
 };
-use polypwatch::metrics::SetScores;
+use polypwatch::metrics::Confusion;
 use polypwatch::model::{Segmenter, load_checked};
 use polypwatch::preprocess::Recipe;
 use tract_onnx::prelude::{IntoRunnable, tvec};
 
 use crate::eval::{run_config, weights_path};
+use crate::quant;
 use crate::train::{self, RunDir, THRESHOLD};
 
 /// Largest accepted |logit difference| between Burn and tract.
@@ -40,6 +42,25 @@ pub struct ExportOptions {
     pub data: Option<PathBuf>,
     /// Validation images used to verify the export.
     pub verify_images: usize,
+    /// Also write the int8 variant.
+    pub int8: bool,
+    /// Training images used to calibrate the int8 variant.
+    pub calib_images: usize,
+}
+
+/// What an export wrote and measured.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// The f32 manifest.
+    pub f32_manifest: PathBuf,
+    /// The int8 manifest, if written.
+    pub int8_manifest: Option<PathBuf>,
+    /// Burn vs tract agreement of the f32 file.
+    pub verification: Verification,
+    /// Mean per-image IoU between the int8 and f32 masks on the validation set.
+    pub int8_mask_iou_vs_f32: Option<f64>,
+    /// Median tract latency (ms, one thread) of f32 and int8 on validation frames.
+    pub latency_ms: (f64, Option<f64>),
 }
 
 /// What the verification measured.
@@ -98,7 +119,7 @@ pub fn verify(
 }
 
 /// Exports the run's model to ONNX f32 with its manifest, verified through tract.
-pub fn export(opts: &ExportOptions) -> Result<PathBuf> {
+pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let run = RunDir(opts.run.clone());
     let cfg = run_config(&run, opts.data.as_deref())?;
     let device = Device::flex();
@@ -118,13 +139,6 @@ pub fn export(opts: &ExportOptions) -> Result<PathBuf> {
     std::fs::write(&onnx_path, model.export_onnx(size, size, &doc))
         .with_context(|| format!("writing {}", onnx_path.display()))?;
 
-    let eval_json = run.0.join("eval.json");
-    let metrics: BTreeMap<String, SetScores> = match std::fs::read_to_string(&eval_json) {
-        Ok(t) => {
-            serde_json::from_str(&t).with_context(|| format!("reading {}", eval_json.display()))?
-        }
-        Err(_) => BTreeMap::new(),
-    };
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         model: ModelInfo {
@@ -156,12 +170,18 @@ pub fn export(opts: &ExportOptions) -> Result<PathBuf> {
             trainer_commit: git_commit(),
             tract_version: polypwatch::TRACT_VERSION.into(),
             created: now_rfc3339(),
-            command: format!(
-                "polypwatch-train train --config <run>/config.toml --out {}",
-                run.0.display()
-            ),
+            command: std::fs::read_to_string(run.0.join("command.txt"))
+                .unwrap_or_default()
+                .lines()
+                // argv[0] is wherever the binary was; the command is what matters.
+                .map(|l| match l.split_once(' ') {
+                    Some((_, args)) => format!("polypwatch-train {args}"),
+                    None => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ; "),
         },
-        metrics,
+        metrics: BTreeMap::new(),
     };
 
     // Verify on real validation images: Burn and tract must agree.
@@ -191,11 +211,95 @@ pub fn export(opts: &ExportOptions) -> Result<PathBuf> {
             rejected.display()
         );
     }
-    let manifest_path = opts.out.join(format!("{}-f32.toml", opts.name));
-    manifest.save(&manifest_path)?;
+    let f32_manifest = opts.out.join(format!("{}-f32.toml", opts.name));
+    manifest.save(&f32_manifest)?;
     // The daemon's own loader must accept it.
-    Segmenter::load(&manifest_path)?;
-    Ok(manifest_path)
+    let seg_f32 = Segmenter::load(&f32_manifest)?;
+
+    // Metrics for the manifest, measured the way the daemon runs the model (tract).
+    let test = Dataset::open_split(&cfg.data.root, &cfg.split_path(&cfg.data.test_split))?;
+    let mut manifest = manifest;
+    let mut report = ExportReport {
+        f32_manifest: f32_manifest.clone(),
+        int8_manifest: None,
+        verification: v,
+        int8_mask_iou_vs_f32: None,
+        latency_ms: (median_latency(&seg_f32, &inputs)?, None),
+    };
+    let mut int8 = None;
+    if opts.int8 {
+        let train_names = Dataset::open_split(&cfg.data.root, &run.0.join("train.txt"))?;
+        let n = opts.calib_images.clamp(1, train_names.len());
+        let calib = train::load_with_bar("calibrate", &train_names.samples[..n], &recipe, true)?;
+        let calib: Vec<Vec<f32>> = calib
+            .iter()
+            .map(|i| recipe.tensor_from_rgb(&i.image))
+            .collect();
+        let ranges = quant::calibrate(
+            &onnx_path,
+            &quant::sites_of(&model, size, size),
+            &calib,
+            size,
+            size,
+        )?;
+        let name = format!("{}-int8.onnx", opts.name);
+        let path = opts.out.join(&name);
+        std::fs::write(
+            &path,
+            quant::export_int8(&model, size, size, &ranges, &doc)?,
+        )?;
+        let mut m = manifest.clone();
+        m.model.onnx = name;
+        m.model.sha256 = sha256_file(&path)?;
+        m.model.precision = "int8".into();
+        let mp = opts.out.join(format!("{}-int8.toml", opts.name));
+        m.save(&mp)?;
+        let seg = Segmenter::load(&mp).with_context(|| format!("int8 model {}", path.display()))?;
+        report.latency_ms.1 = Some(median_latency(&seg, &inputs)?);
+        int8 = Some((m, mp, seg));
+    }
+    for (set, samples) in [("validation", &val.samples), ("test", &test.samples)] {
+        let mut agree = 0.0;
+        let t = THRESHOLD;
+        let f32_scores = evaluate(&seg_f32, samples, |_| {})?;
+        manifest.metrics.insert(set.into(), f32_scores);
+        if let Some((m, _, seg)) = &mut int8 {
+            let mut acc = polypwatch::metrics::Accumulator::default();
+            for s in samples.iter() {
+                let a = score_sample(&seg_f32, s, t)?;
+                let b = score_sample(seg, s, t)?;
+                let ma: Vec<u8> = a.probs.iter().map(|&p| u8::from(p >= t)).collect();
+                let mb: Vec<u8> = b.probs.iter().map(|&p| u8::from(p >= t)).collect();
+                agree += Confusion::from_masks(&mb, &ma).iou();
+                acc.push(&b.scores);
+            }
+            m.metrics.insert(set.into(), acc.finish());
+            if set == "validation" {
+                report.int8_mask_iou_vs_f32 = Some(agree / samples.len().max(1) as f64);
+            }
+        }
+    }
+    manifest.save(&f32_manifest)?;
+    if let Some((m, mp, _)) = int8 {
+        m.save(&mp)?;
+        report.int8_manifest = Some(mp);
+    }
+    Ok(report)
+}
+
+/// Median single-frame tract latency in milliseconds over the given inputs (after a warm-up).
+fn median_latency(seg: &Segmenter, inputs: &[Vec<f32>]) -> Result<f64> {
+    seg.run(&inputs[0])?;
+    let mut ms = Vec::new();
+    for _ in 0..3 {
+        for x in inputs {
+            let t = std::time::Instant::now();
+            seg.run(x)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
 }
 
 fn now_rfc3339() -> String {

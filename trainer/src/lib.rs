@@ -12,4 +12,5 @@ pub mod export;
 pub mod model;
 pub mod onnx;
 pub mod plot;
+pub mod quant;
 pub mod train;

@@ -87,9 +87,15 @@ enum Command {
         /// Dataset folder, overriding the run's.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Validation images used to verify the export.
+        /// Validation images used to verify the export (and to time it).
         #[arg(long, default_value_t = 16)]
         verify_images: usize,
+        /// Skip the int8 variant.
+        #[arg(long)]
+        no_int8: bool,
+        /// Training images used to calibrate the int8 variant.
+        #[arg(long, default_value_t = 32)]
+        calib_images: usize,
     },
 }
 
@@ -153,8 +159,10 @@ fn main() -> Result<()> {
             version,
             data,
             verify_images,
+            no_int8,
+            calib_images,
         } => {
-            let manifest = export::export(&ExportOptions {
+            let r = export::export(&ExportOptions {
                 run,
                 weights,
                 out,
@@ -162,8 +170,23 @@ fn main() -> Result<()> {
                 version,
                 data,
                 verify_images,
+                int8: !no_int8,
+                calib_images,
             })?;
-            println!("{}", manifest.display());
+            println!(
+                "f32:  {} (tract p50 {:.1} ms/frame, 1 thread)",
+                r.f32_manifest.display(),
+                r.latency_ms.0
+            );
+            if let (Some(m), Some(ms), Some(iou)) =
+                (&r.int8_manifest, r.latency_ms.1, r.int8_mask_iou_vs_f32)
+            {
+                println!(
+                    "int8: {} (tract p50 {ms:.1} ms/frame, 1 thread; {:.2}x f32; mask IoU vs f32 on validation {iou:.4})",
+                    m.display(),
+                    r.latency_ms.0 / ms
+                );
+            }
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ use burn::tensor::TensorData;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
-use crate::onnx::{Attr, Graph};
+use crate::onnx::{Act, F32Writer, Folded, Writer};
 
 /// Which encoder (backbone) the model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,8 +163,8 @@ impl ConvBn {
         }
     }
 
-    /// Writes the convolution with the batch norm folded into its weights and bias.
-    fn export(&self, g: &mut Graph, x: &str) -> String {
+    /// The convolution with the batch norm folded into its weights and bias.
+    fn folded(&self) -> Folded {
         let w = self.conv.weight.val();
         let dims: [usize; 4] = w.shape().dims();
         let mut weight = to_vec(w.reshape([-1]));
@@ -181,25 +181,24 @@ impl ConvBn {
                 .for_each(|v| *v *= s);
             bias[o] = beta[o] - mean[o] * s;
         }
-        let y = g.conv(
-            x,
+        Folded {
             weight,
             dims,
             bias,
-            self.stride,
-            self.pad,
-            self.dilation,
-            self.groups,
-        );
-        match self.act {
-            ACT_RELU => g.node("Relu", &[&y], vec![]),
-            ACT_RELU6 => {
-                let lo = g.const_f32("min", &[], vec![0.0]);
-                let hi = g.const_f32("max", &[], vec![6.0]);
-                g.node("Clip", &[&y, &lo, &hi], vec![])
-            }
-            _ => y,
+            stride: self.stride,
+            pad: self.pad,
+            dilation: self.dilation,
+            groups: self.groups,
+            act: match self.act {
+                ACT_RELU => Act::Relu,
+                ACT_RELU6 => Act::Relu6,
+                _ => Act::None,
+            },
         }
+    }
+
+    fn export<W: Writer>(&self, g: &mut W, x: &W::V) -> W::V {
+        g.conv(&self.folded(), x)
     }
 }
 
@@ -231,8 +230,8 @@ impl Block {
         if self.relu_after_add { relu(y) } else { y }
     }
 
-    fn export(&self, g: &mut Graph, x: &str) -> String {
-        let mut y = x.to_string();
+    fn export<W: Writer>(&self, g: &mut W, x: &W::V) -> W::V {
+        let mut y = x.clone();
         for c in &self.convs {
             y = c.export(g, &y);
         }
@@ -241,14 +240,9 @@ impl Block {
         }
         let shortcut = match &self.downsample {
             Some(d) => d.export(g, x),
-            None => x.to_string(),
+            None => x.clone(),
         };
-        let sum = g.node("Add", &[&y, &shortcut], vec![]);
-        if self.relu_after_add {
-            g.node("Relu", &[&sum], vec![])
-        } else {
-            sum
-        }
+        g.add(&y, &shortcut, self.relu_after_add)
     }
 }
 
@@ -403,30 +397,22 @@ impl Encoder {
         (low.expect("low-level block exists"), y)
     }
 
-    fn export(&self, g: &mut Graph, x: &str) -> (String, String) {
-        let mut y = x.to_string();
+    fn export<W: Writer>(&self, g: &mut W, x: &W::V) -> (W::V, W::V) {
+        let mut y = x.clone();
         for c in &self.stem {
             y = c.export(g, &y);
         }
         if self.maxpool.is_some() {
-            y = g.node(
-                "MaxPool",
-                &[&y],
-                vec![
-                    ("kernel_shape", Attr::Ints(vec![3, 3])),
-                    ("strides", Attr::Ints(vec![2, 2])),
-                    ("pads", Attr::Ints(vec![1, 1, 1, 1])),
-                ],
-            );
+            y = g.maxpool3x3s2(&y);
         }
-        let mut low = String::new();
+        let mut low = None;
         for (i, b) in self.blocks.iter().enumerate() {
             y = b.export(g, &y);
             if i + 1 == self.low_level_after {
-                low = y.clone();
+                low = Some(y.clone());
             }
         }
-        (low, y)
+        (low.expect("low-level block exists"), y)
     }
 }
 
@@ -475,14 +461,13 @@ impl Aspp {
         self.project.forward(Tensor::cat(outs, 1))
     }
 
-    fn export(&self, g: &mut Graph, x: &str, h: usize, w: usize) -> String {
-        let mut outs: Vec<String> = self.branches.iter().map(|b| b.export(g, x)).collect();
-        let gap = g.node("GlobalAveragePool", &[x], vec![]);
+    fn export<W: Writer>(&self, g: &mut W, x: &W::V, h: usize, w: usize) -> W::V {
+        let mut outs: Vec<W::V> = self.branches.iter().map(|b| b.export(g, x)).collect();
+        let gap = g.global_avg_pool(x);
         let pooled = self.pooling.export(g, &gap);
         // Broadcast back with a Resize from 1x1: tract cannot optimise Expand/Tile here.
-        outs.push(g.resize_bilinear(&pooled, h as f32, w as f32));
-        let refs: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
-        let cat = g.node("Concat", &refs, vec![("axis", Attr::Int(1))]);
+        outs.push(g.upsample(&pooled, h, w));
+        let cat = g.concat(&outs);
         self.project.export(g, &cat)
     }
 }
@@ -598,29 +583,44 @@ impl DeepLab {
         resize_bilinear(self.head.forward(y), h, w)
     }
 
-    /// Writes the network as an ONNX graph for a static `[1, 3, h, w]` input.
-    pub fn export_onnx(&self, h: usize, w: usize, doc: &str) -> Vec<u8> {
-        let mut g = Graph::default();
-        let (low, high) = self.encoder.export(&mut g, "input");
-        let high = self.aspp.export(&mut g, &high, h / 16, w / 16);
-        let low = self.low_project.export(&mut g, &low);
-        let up = g.resize_bilinear(&high, 4.0, 4.0);
-        let mut y = g.node("Concat", &[&up, &low], vec![("axis", Attr::Int(1))]);
+    /// Walks the network in forward order, writing it through `g` for a static `[1, 3, h, w]`
+    /// input; returns the logits value.
+    pub fn export<W: Writer>(&self, g: &mut W, h: usize, w: usize) -> W::V {
+        let x = g.input();
+        let (low, high) = self.encoder.export(g, &x);
+        let high = self.aspp.export(g, &high, h / 16, w / 16);
+        let low = self.low_project.export(g, &low);
+        let up = g.upsample(&high, h / 4, w / 4);
+        let mut y = g.concat(&[up, low]);
         for c in &self.decoder {
-            y = c.export(&mut g, &y);
+            y = c.export(g, &y);
         }
         let wt = self.head.weight.val();
         let dims: [usize; 4] = wt.shape().dims();
-        let bias = self
-            .head
-            .bias
-            .as_ref()
-            .map(|b| to_vec(b.val()))
-            .unwrap_or_else(|| vec![0.0; dims[0]]);
-        let logits = g.conv(&y, to_vec(wt.reshape([-1])), dims, bias, 1, 0, 1, 1);
-        let out = g.resize_bilinear(&logits, 4.0, 4.0);
-        let out = g.node("Identity", &[&out], vec![]);
-        g.finish_renamed(&out, "logits", [1, 3, h, w], [1, 1, h, w], doc)
+        let head = Folded {
+            weight: to_vec(wt.reshape([-1])),
+            dims,
+            bias: self
+                .head
+                .bias
+                .as_ref()
+                .map(|b| to_vec(b.val()))
+                .unwrap_or_else(|| vec![0.0; dims[0]]),
+            stride: 1,
+            pad: 0,
+            dilation: 1,
+            groups: 1,
+            act: Act::None,
+        };
+        let logits = g.conv(&head, &y);
+        g.upsample(&logits, h, w)
+    }
+
+    /// Writes the network as an f32 ONNX model for a static `[1, 3, h, w]` input.
+    pub fn export_onnx(&self, h: usize, w: usize, doc: &str) -> Vec<u8> {
+        let mut g = F32Writer::new(h, w);
+        let out = self.export(&mut g, h, w);
+        g.finish(&out, [1, 3, h, w], [1, 1, h, w], doc)
     }
 }
 

@@ -242,3 +242,176 @@ impl Graph {
         model.encode_to_vec()
     }
 }
+
+/// Activation fused after a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// None (linear).
+    None,
+    /// max(x, 0).
+    Relu,
+    /// min(max(x, 0), 6).
+    Relu6,
+}
+
+/// A convolution with batch norm folded in, ready to write.
+#[derive(Debug, Clone)]
+pub struct Folded {
+    /// Weights `[out, in/groups, k, k]`, row-major.
+    pub weight: Vec<f32>,
+    /// Weight shape.
+    pub dims: [usize; 4],
+    /// Bias per output channel.
+    pub bias: Vec<f32>,
+    /// Stride.
+    pub stride: usize,
+    /// Symmetric padding.
+    pub pad: usize,
+    /// Dilation.
+    pub dilation: usize,
+    /// Groups.
+    pub groups: usize,
+    /// Fused activation.
+    pub act: Act,
+}
+
+/// The operations our DeepLabv3+ is made of. The model walks itself once through a writer;
+/// the f32 and int8 writers turn the same walk into their graphs, so they cannot disagree on
+/// the network's structure.
+pub trait Writer {
+    /// A value in the graph.
+    type V: Clone;
+    /// The network input (`[1, 3, H, W]`, normalised f32).
+    fn input(&mut self) -> Self::V;
+    /// Convolution (+ folded batch norm) + activation.
+    fn conv(&mut self, c: &Folded, x: &Self::V) -> Self::V;
+    /// Residual sum, optionally followed by ReLU.
+    fn add(&mut self, a: &Self::V, b: &Self::V, relu: bool) -> Self::V;
+    /// 3x3 max pooling, stride 2, padding 1.
+    fn maxpool3x3s2(&mut self, x: &Self::V) -> Self::V;
+    /// Global average pooling to 1x1.
+    fn global_avg_pool(&mut self, x: &Self::V) -> Self::V;
+    /// Bilinear resize (half-pixel) by an integer factor to `h` x `w`.
+    fn upsample(&mut self, x: &Self::V, h: usize, w: usize) -> Self::V;
+    /// Channel concatenation.
+    fn concat(&mut self, xs: &[Self::V]) -> Self::V;
+}
+
+/// Writes the f32 graph, remembering each value's spatial size (for resize factors) and the
+/// order in which values were produced (the int8 writer's calibration sites).
+#[derive(Default)]
+pub struct F32Writer {
+    /// The graph under construction.
+    pub g: Graph,
+    /// Spatial size of every value, by name.
+    sizes: std::collections::HashMap<String, (usize, usize)>,
+    /// Names of the values produced by each writer call, in call order.
+    pub sites: Vec<String>,
+    input_hw: (usize, usize),
+}
+
+impl F32Writer {
+    /// An f32 writer for an `h` x `w` input.
+    pub fn new(h: usize, w: usize) -> Self {
+        F32Writer {
+            input_hw: (h, w),
+            ..Default::default()
+        }
+    }
+
+    fn site(&mut self, name: String, hw: (usize, usize)) -> String {
+        self.sizes.insert(name.clone(), hw);
+        self.sites.push(name.clone());
+        name
+    }
+
+    fn hw(&self, x: &str) -> (usize, usize) {
+        self.sizes[x]
+    }
+
+    /// Serialises the graph with `out` renamed `logits`.
+    pub fn finish(self, out: &str, input: [usize; 4], output: [usize; 4], doc: &str) -> Vec<u8> {
+        self.g.finish_renamed(out, "logits", input, output, doc)
+    }
+}
+
+/// Output size of a convolution along one axis.
+pub fn conv_out(size: usize, c: &Folded, k: usize) -> usize {
+    (size + 2 * c.pad - c.dilation * (k - 1) - 1) / c.stride + 1
+}
+
+impl Writer for F32Writer {
+    type V = String;
+
+    fn input(&mut self) -> String {
+        self.site("input".into(), self.input_hw)
+    }
+
+    fn conv(&mut self, c: &Folded, x: &String) -> String {
+        let (h, w) = self.hw(x);
+        let hw = (conv_out(h, c, c.dims[2]), conv_out(w, c, c.dims[3]));
+        let y = self.g.conv(
+            x,
+            c.weight.clone(),
+            c.dims,
+            c.bias.clone(),
+            c.stride,
+            c.pad,
+            c.dilation,
+            c.groups,
+        );
+        let y = match c.act {
+            Act::Relu => self.g.node("Relu", &[&y], vec![]),
+            Act::Relu6 => {
+                let lo = self.g.const_f32("min", &[], vec![0.0]);
+                let hi = self.g.const_f32("max", &[], vec![6.0]);
+                self.g.node("Clip", &[&y, &lo, &hi], vec![])
+            }
+            Act::None => y,
+        };
+        self.site(y, hw)
+    }
+
+    fn add(&mut self, a: &String, b: &String, relu: bool) -> String {
+        let hw = self.hw(a);
+        let mut y = self.g.node("Add", &[a, b], vec![]);
+        if relu {
+            y = self.g.node("Relu", &[&y], vec![]);
+        }
+        self.site(y, hw)
+    }
+
+    fn maxpool3x3s2(&mut self, x: &String) -> String {
+        let (h, w) = self.hw(x);
+        let y = self.g.node(
+            "MaxPool",
+            &[x],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![3, 3])),
+                ("strides", Attr::Ints(vec![2, 2])),
+                ("pads", Attr::Ints(vec![1, 1, 1, 1])),
+            ],
+        );
+        self.site(y, ((h - 1) / 2 + 1, (w - 1) / 2 + 1))
+    }
+
+    fn global_avg_pool(&mut self, x: &String) -> String {
+        let y = self.g.node("GlobalAveragePool", &[x], vec![]);
+        self.site(y, (1, 1))
+    }
+
+    fn upsample(&mut self, x: &String, h: usize, w: usize) -> String {
+        let (xh, xw) = self.hw(x);
+        let y = self
+            .g
+            .resize_bilinear(x, h as f32 / xh as f32, w as f32 / xw as f32);
+        self.site(y, (h, w))
+    }
+
+    fn concat(&mut self, xs: &[String]) -> String {
+        let hw = self.hw(&xs[0]);
+        let refs: Vec<&str> = xs.iter().map(|s| s.as_str()).collect();
+        let y = self.g.node("Concat", &refs, vec![("axis", Attr::Int(1))]);
+        self.site(y, hw)
+    }
+}

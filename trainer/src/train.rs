@@ -279,6 +279,9 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         None
     };
     std::fs::write(run.config(), toml::to_string_pretty(&cfg)?)?;
+    // The command line, for the manifest's provenance.
+    let cmd: Vec<String> = std::env::args().collect();
+    append(&run.0.join("command.txt"), &format!("{}\n", cmd.join(" ")))?;
 
     let recipe = Recipe::square(cfg.train.input_size);
     let mut splits = data::splits(&cfg)?;

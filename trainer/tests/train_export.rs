@@ -143,7 +143,7 @@ fn train_resume_export_round_trip() {
 
     // Export: written, verified through tract inside `export`, and loadable by the daemon.
     let models = dir.path().join("models");
-    let manifest = export(&ExportOptions {
+    let report = export(&ExportOptions {
         run: resumed.clone(),
         weights: "best".into(),
         out: models.clone(),
@@ -151,9 +151,19 @@ fn train_resume_export_round_trip() {
         version: "0.0.1".into(),
         data: None,
         verify_images: 2,
+        int8: true,
+        calib_images: 4,
     })
     .unwrap();
+    assert!(report.verification.max_logit_diff <= 1e-3);
+    let manifest = report.f32_manifest.clone();
     let seg = Segmenter::load(&manifest).unwrap();
+    assert!(seg.manifest().metrics.contains_key("test"));
+
+    // The int8 variant loads too, and its masks mostly agree with f32 even on an untrained net.
+    let int8 = Segmenter::load(report.int8_manifest.as_ref().unwrap()).unwrap();
+    assert_eq!(int8.manifest().model.precision, "int8");
+    assert!(report.int8_mask_iou_vs_f32.unwrap() > 0.5, "{report:?}");
     let img =
         polypwatch::preprocess::load_rgb(&Dataset::open(&fixtures()).unwrap().samples[0].image)
             .unwrap();
