@@ -8,7 +8,9 @@ use polypwatch::evaluate::evaluate;
 use polypwatch::model::Segmenter;
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
 }
 
 /// Copies the fixture model into a temporary folder that a test may damage.
@@ -61,7 +63,10 @@ fn tampered_model_file_is_refused() {
     bytes[100] ^= 1;
     std::fs::write(&onnx, bytes).unwrap();
     let err = load_err(&manifest);
-    assert!(err.contains("sha256") && err.contains("tiny-f32.onnx"), "{err}");
+    assert!(
+        err.contains("sha256") && err.contains("tiny-f32.onnx"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -72,10 +77,16 @@ fn truncated_model_file_is_refused_even_with_a_matching_hash() {
     std::fs::write(&onnx, &bytes[..bytes.len() / 3]).unwrap();
     let sha = polypwatch::manifest::sha256_file(&onnx).unwrap();
     let text = std::fs::read_to_string(&manifest).unwrap();
-    let old = polypwatch::manifest::Manifest::load(&manifest).unwrap().model.sha256;
+    let old = polypwatch::manifest::Manifest::load(&manifest)
+        .unwrap()
+        .model
+        .sha256;
     std::fs::write(&manifest, text.replace(&old, &sha)).unwrap();
     let err = load_err(&manifest);
-    assert!(err.contains("cannot load model") && err.contains("tiny-f32.onnx"), "{err}");
+    assert!(
+        err.contains("cannot load model") && err.contains("tiny-f32.onnx"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -91,7 +102,11 @@ fn manifest_with_the_wrong_input_shape_is_refused() {
 fn manifest_errors_name_the_problem() {
     let (dir, manifest) = scratch_copy();
     let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(&manifest, text.replace("[output]", "[output]\ncolour = \"red\"")).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("[output]", "[output]\ncolour = \"red\""),
+    )
+    .unwrap();
     let err = load_err(&manifest);
     assert!(err.contains("colour"), "{err}");
 
