@@ -1,18 +1,28 @@
 //! polypwatch: real-time polyp detection on a colonoscopy video feed.
 //!
-//! The library holds everything the daemon and the trainer share, one module per concern:
-//! [`preprocess`] (the single image-to-tensor recipe), [`dataset`] (image/mask folders and
-//! splits), [`metrics`] (Dice, IoU and friends), [`manifest`] (the model contract) and
-//! [`model`] (running a verified model with tract).
+//! The library holds the daemon's logic and everything the trainer shares with it, one module
+//! per concern: [`preprocess`] (the single image-to-tensor recipe), [`dataset`] (image/mask
+//! folders and splits), [`metrics`] (Dice, IoU and friends), [`manifest`] (the model contract),
+//! [`model`] (running a verified model with tract), [`evaluate`], [`config`] (the daemon's
+//! TOML), [`capture`] (frame sources), [`detect`] (components and frame scores), [`alert`] (the
+//! alert state machine), [`sink`] (journal, event stream, snapshots) and [`service`] (the
+//! pipeline, signals and systemd).
 
 #![warn(missing_docs)]
 
+pub mod alert;
+pub mod bench;
+pub mod capture;
+pub mod config;
 pub mod dataset;
+pub mod detect;
 pub mod evaluate;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;
+pub mod service;
+pub mod sink;
 
 /// The version of tract this build runs models with (recorded in manifests at export).
 pub const TRACT_VERSION: &str = "0.23.9";

@@ -1,77 +1,311 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use polypwatch::config::Config;
+use polypwatch::dataset::Dataset;
+use polypwatch::detect::{DetectConfig, Detector};
+use polypwatch::metrics::SetScores;
 use polypwatch::model::Segmenter;
+use polypwatch::service::{self, Control};
+use polypwatch::{bench, evaluate, sink};
 
 /// polypwatch: real-time polyp detection on a colonoscopy video feed.
+///
+/// With no command, replays the bundled demo clip through the shipped model and prints alert
+/// events as they happen, until stopped (Ctrl-C).
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Verify a model (manifest, sha256, shapes) and print what it is.
-    CheckModel {
-        /// The model's manifest (.toml beside the .onnx).
+    /// Run the daemon.
+    Run {
+        /// Configuration file (see polypwatch.example.toml); default: the demo.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Segment images: writes a mask PNG and an overlay PNG per image, prints a JSON line each.
+    Infer {
+        /// The model's manifest.
         #[arg(long)]
         model: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Images.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
     },
-    /// Time model inference on a fixed frame.
+    /// Score a model on an image/mask folder (images/ and masks/).
+    Eval {
+        /// The model's manifest.
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset folder.
+        #[arg(long)]
+        data: PathBuf,
+        /// Split file naming the images to use (default: all).
+        #[arg(long)]
+        split: Option<PathBuf>,
+        /// Also write the scores as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Per-stage latency (decode, preprocess, inference, post-process) and frames per second.
     Bench {
         /// The model's manifest.
         #[arg(long)]
         model: PathBuf,
-        /// Frames to time (after 5 warm-up frames).
-        #[arg(long, default_value_t = 50)]
+        /// Frames to time.
+        #[arg(long, default_value_t = 100)]
         frames: usize,
+        /// Inference threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// JPEG/PNG frames to decode (cycled); default: the demo clip.
+        #[arg(long)]
+        images: Vec<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
+    /// Check a configuration (and the model it names) without running.
+    Check {
+        /// Configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Or just a model manifest.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+}
+
+fn load_model(path: &Path) -> Result<Segmenter> {
+    Segmenter::load(path).with_context(|| format!("model {} refused", path.display()))
+}
+
+fn run(config: Option<PathBuf>) -> Result<()> {
+    let cfg = match &config {
+        Some(p) => Config::load(p)?,
+        None => service::demo_config().context("the bundled demo configuration")?,
+    };
+    let sink = sink::init_logging(&cfg.events);
+    log::info!(
+        "polypwatch {} starting, logging to {sink}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let control = Control::default();
+    control
+        .install_signal_handlers()
+        .context("installing signal handlers")?;
+    let summary = service::run(config.as_deref(), cfg, &control)?;
+    log::info!(
+        "stopped: {} frames, {} dropped, {} unreadable, {} alerts",
+        summary.frames,
+        summary.dropped,
+        summary.bad_frames,
+        summary.alerts
+    );
+    Ok(())
+}
+
+fn infer(model: &Path, out: &Path, images: &[PathBuf]) -> Result<()> {
+    let seg = load_model(model)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let r = &seg.manifest().preprocess;
+    let det = Detector::new(DetectConfig::default(), seg.manifest().output.threshold);
+    let mut failed = 0;
+    for path in images {
+        let t = std::time::Instant::now();
+        let img = match polypwatch::preprocess::load_rgb(path) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let mut logits = seg.logits_for(&img)?;
+        let mask = det.mask(&mut logits, r.width, r.height);
+        let d = det.detect(&logits, &mask);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let (mw, mh) = img.dimensions();
+        let full = image::imageops::resize(&mask, mw, mh, image::imageops::FilterType::Triangle);
+        let full = image::GrayImage::from_fn(mw, mh, |x, y| {
+            image::Luma([if full.get_pixel(x, y).0[0] > 127 {
+                255
+            } else {
+                0
+            }])
+        });
+        full.save(out.join(format!("{stem}_mask.png")))?;
+        sink::overlay(&img, &mask, d.best.map(|c| c.bbox))
+            .save(out.join(format!("{stem}_overlay.png")))?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "image": path.display().to_string(),
+                "score": d.score,
+                "polyp": d.positive,
+                "area": d.best.map_or(0.0, |c| c.area),
+                "bbox": d.best.map(|c| c.bbox),
+                "components": d.components,
+                "latency_ms": ms,
+            })
+        );
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images could not be read", images.len());
+    }
+    Ok(())
+}
+
+fn eval(
+    model: &Path,
+    data: &Path,
+    split: Option<&Path>,
+    json: Option<&Path>,
+    quiet: bool,
+) -> Result<()> {
+    let seg = load_model(model)?;
+    let ds = Dataset::open_maybe_split(data, split)?;
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(ds.len() as u64)
+    };
+    pb.set_style(ProgressStyle::with_template(
+        "eval [{bar:30}] {pos}/{len} {msg} eta {eta}",
+    )?);
+    let scores = evaluate::evaluate(&seg, &ds.samples, |s| {
+        pb.set_message(s.name.clone());
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
+    let set = split
+        .and_then(|s| s.file_stem())
+        .map_or("all".into(), |s| s.to_string_lossy().into_owned());
+    println!("{}", SetScores::TABLE_HEADER);
+    println!("{}", scores.table_row(&set));
+    if let Some(j) = json {
+        std::fs::write(j, serde_json::to_string_pretty(&scores)?)
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    Ok(())
+}
+
+fn bench_cmd(
+    model: &Path,
+    frames: usize,
+    threads: usize,
+    images: Vec<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    bench::set_threads(threads);
+    let seg = load_model(model)?;
+    let images = if images.is_empty() {
+        let demo = service::demo_config()?;
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&demo.source.path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        images
+    };
+    let refs: Vec<&Path> = images.iter().map(|p| p.as_path()).collect();
+    let r = bench::bench(&seg, &refs, frames.max(1), threads)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let m = seg.manifest();
+    println!(
+        "{} {} ({}, {}x{}), {} frames, {} thread(s)",
+        m.model.name,
+        m.model.version,
+        m.model.precision,
+        m.preprocess.width,
+        m.preprocess.height,
+        r.frames,
+        r.threads
+    );
+    println!(
+        "{:<12} {:>8} {:>8} {:>8}",
+        "stage (ms)", "p50", "p95", "p99"
+    );
+    for (name, q) in [
+        ("decode", r.decode),
+        ("preprocess", r.preprocess),
+        ("inference", r.inference),
+        ("postprocess", r.postprocess),
+        ("total", r.total),
+    ] {
+        println!("{name:<12} {:>8.2} {:>8.2} {:>8.2}", q.p50, q.p95, q.p99);
+    }
+    println!(
+        "{:.1} frames/s (stages back to back), peak RSS {:.0} MiB",
+        r.fps, r.peak_rss_mib
+    );
+    Ok(())
+}
+
+fn check(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
+    let manifest = match (&config, model) {
+        (Some(c), None) => {
+            let cfg = Config::load(c)?;
+            println!("config {}: ok", c.display());
+            cfg.model.manifest
+        }
+        (None, Some(m)) => m,
+        _ => bail!("give exactly one of --config FILE or --model MANIFEST"),
+    };
+    let seg = load_model(&manifest)?;
+    let m = seg.manifest();
+    println!(
+        "model {}: {} {} ({}), {} input {}x{}, threshold {}: ok",
+        manifest.display(),
+        m.model.name,
+        m.model.version,
+        m.model.architecture,
+        m.model.precision,
+        m.preprocess.width,
+        m.preprocess.height,
+        m.output.threshold
+    );
+    Ok(())
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::CheckModel { model } => {
-            let seg = Segmenter::load(&model)
-                .with_context(|| format!("model {} refused", model.display()))?;
-            let m = seg.manifest();
-            println!(
-                "{} {} ({}), {} input {}x{}, threshold {}: ok",
-                m.model.name,
-                m.model.version,
-                m.model.architecture,
-                m.model.precision,
-                m.preprocess.width,
-                m.preprocess.height,
-                m.output.threshold
-            );
-        }
-        Command::Bench { model, frames } => {
-            let seg = Segmenter::load(&model)
-                .with_context(|| format!("model {} refused", model.display()))?;
-            let r = &seg.manifest().preprocess;
-            let input = vec![0.1f32; 3 * (r.width * r.height) as usize];
-            for _ in 0..5 {
-                seg.run(&input)?;
-            }
-            let mut ms: Vec<f64> = (0..frames.max(1))
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    seg.run(&input).map(|_| t.elapsed().as_secs_f64() * 1e3)
-                })
-                .collect::<Result<_, _>>()?;
-            ms.sort_by(f64::total_cmp);
-            let q = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
-            println!(
-                "{}: inference p50 {:.1} ms, p95 {:.1} ms over {} frames",
-                seg.manifest().model.architecture,
-                q(0.5),
-                q(0.95),
-                ms.len()
-            );
-        }
+        None => run(None),
+        Some(Command::Run { config }) => run(config),
+        Some(Command::Infer { model, out, images }) => infer(&model, &out, &images),
+        Some(Command::Eval {
+            model,
+            data,
+            split,
+            json,
+            quiet,
+        }) => eval(&model, &data, split.as_deref(), json.as_deref(), quiet),
+        Some(Command::Bench {
+            model,
+            frames,
+            threads,
+            images,
+            json,
+        }) => bench_cmd(&model, frames, threads, images, json),
+        Some(Command::Check { config, model }) => check(config, model),
     }
-    Ok(())
 }

@@ -1,0 +1,152 @@
+//! Per-stage latency of the frame pipeline (decode, preprocess, inference, post-process).
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::detect::{DetectConfig, Detector};
+use crate::model::{ModelError, Segmenter};
+use crate::preprocess::{self, PreprocessError};
+
+/// Latency quantiles of one stage, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Quantiles {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+impl Quantiles {
+    /// Quantiles of a set of samples (nearest rank).
+    pub fn of(samples: &mut [f64]) -> Self {
+        samples.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            if samples.is_empty() {
+                0.0
+            } else {
+                samples[((samples.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        Quantiles {
+            p50: q(0.5),
+            p95: q(0.95),
+            p99: q(0.99),
+        }
+    }
+}
+
+/// Bench results.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Frames timed.
+    pub frames: usize,
+    /// Inference threads.
+    pub threads: usize,
+    /// JPEG decode.
+    pub decode: Quantiles,
+    /// Resize and normalise.
+    pub preprocess: Quantiles,
+    /// tract.
+    pub inference: Quantiles,
+    /// Sigmoid, threshold, components.
+    pub postprocess: Quantiles,
+    /// All four stages.
+    pub total: Quantiles,
+    /// Frames per second at the median total (stages run back to back).
+    pub fps: f64,
+    /// Peak resident memory, MiB (VmHWM).
+    pub peak_rss_mib: f64,
+}
+
+/// Errors of a bench run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A frame could not be decoded.
+    #[error(transparent)]
+    Frame(#[from] PreprocessError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Uses `n` threads for tract's matrix products (1 = single-threaded).
+pub fn set_threads(n: usize) {
+    if n > 1 {
+        tract_linalg::multithread::set_default_executor(
+            tract_linalg::multithread::Executor::multithread(n),
+        );
+    }
+}
+
+/// Peak resident set size of this process in MiB, from /proc (0 where unavailable).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Times `frames` passes over the JPEG/PNG files (cycled), after 3 warm-up frames.
+pub fn bench(
+    seg: &Segmenter,
+    files: &[&Path],
+    frames: usize,
+    threads: usize,
+) -> Result<BenchReport, BenchError> {
+    let bytes: Vec<Vec<u8>> = files
+        .iter()
+        .map(|p| {
+            std::fs::read(p).map_err(|source| PreprocessError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let r = &seg.manifest().preprocess;
+    let det = Detector::new(DetectConfig::default(), seg.manifest().output.threshold);
+    let mut t = [vec![], vec![], vec![], vec![], vec![]];
+    for i in 0..frames + 3 {
+        let b = &bytes[i % bytes.len()];
+        let t0 = Instant::now();
+        let img = preprocess::decode_rgb(b, &files[i % files.len()].display().to_string())?;
+        let t1 = Instant::now();
+        let x = r.tensor_from_rgb(&img);
+        let t2 = Instant::now();
+        let mut logits = seg.run(&x)?;
+        let t3 = Instant::now();
+        let mask = det.mask(&mut logits, r.width, r.height);
+        std::hint::black_box(det.detect(&logits, &mask));
+        let t4 = Instant::now();
+        if i >= 3 {
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            for (k, v) in [ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4), ms(t0, t4)]
+                .into_iter()
+                .enumerate()
+            {
+                t[k].push(v);
+            }
+        }
+    }
+    let [mut d, mut p, mut inf, mut post, mut tot] = t;
+    let total = Quantiles::of(&mut tot);
+    Ok(BenchReport {
+        frames,
+        threads,
+        decode: Quantiles::of(&mut d),
+        preprocess: Quantiles::of(&mut p),
+        inference: Quantiles::of(&mut inf),
+        postprocess: Quantiles::of(&mut post),
+        total,
+        fps: 1e3 / total.p50.max(1e-9),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}

@@ -1,0 +1,318 @@
+//! The daemon's TOML configuration. Every key is documented in `polypwatch.example.toml`;
+//! unknown keys are rejected naming the key, and values are range-checked.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::alert::AlertConfig;
+use crate::detect::DetectConfig;
+
+/// Errors raised while reading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown key or a wrong type.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Which key and why.
+        message: String,
+    },
+}
+
+/// `[model]`: which model to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The model manifest (relative paths: to the config file's folder).
+    pub manifest: PathBuf,
+}
+
+/// `[source]`: where frames come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// `replay` (a folder of images or a list file).
+    pub kind: SourceKind,
+    /// Replay: folder of frames (sorted by name) or a text file listing one frame path per line
+    /// (relative paths: to the config file's folder).
+    pub path: PathBuf,
+    /// Replay: frames per second; 0 plays as fast as the pipeline takes them.
+    #[serde(default = "default_fps")]
+    pub fps: f64,
+    /// Replay: start over at the end.
+    #[serde(default)]
+    pub r#loop: bool,
+}
+
+fn default_fps() -> f64 {
+    25.0
+}
+
+/// Frame source kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Images from disk.
+    Replay,
+}
+
+/// `[events]`: where alert events go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSection {
+    /// Write JSON-lines events to standard output.
+    #[serde(default = "yes")]
+    pub stdout: bool,
+    /// Also append JSON-lines events to this file.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Log to the systemd journal: `auto` (when its socket exists), `on` or `off` (stderr).
+    #[serde(default)]
+    pub journald: Journald,
+    /// Log level: error, warn, info, debug (debug shows candidate frames).
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+/// Journal use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Journald {
+    /// Use the journal when `/run/systemd/journal/socket` exists.
+    #[default]
+    Auto,
+    /// Always the journal.
+    On,
+    /// Never: log to stderr.
+    Off,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection {
+            stdout: true,
+            file: None,
+            journald: Journald::Auto,
+            level: default_level(),
+        }
+    }
+}
+
+/// `[snapshots]`: overlay images saved for every alert, for audit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsSection {
+    /// Folder for snapshots; none disables them.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Disk quota of the folder in MiB; the oldest snapshots are deleted first.
+    #[serde(default = "default_quota")]
+    pub quota_mib: u64,
+}
+
+fn default_quota() -> u64 {
+    256
+}
+
+impl Default for SnapshotsSection {
+    fn default() -> Self {
+        SnapshotsSection {
+            dir: None,
+            quota_mib: default_quota(),
+        }
+    }
+}
+
+/// `[runtime]`: threads and pacing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Seconds without a processed frame after which the watchdog stops being fed.
+    #[serde(default = "default_stall")]
+    pub stall_secs: f64,
+    /// Interval between STATUS= updates to systemd, in seconds.
+    #[serde(default = "default_status")]
+    pub status_secs: f64,
+}
+
+fn default_stall() -> f64 {
+    5.0
+}
+fn default_status() -> f64 {
+    5.0
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            stall_secs: default_stall(),
+            status_secs: default_status(),
+        }
+    }
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Model.
+    pub model: ModelSection,
+    /// Frame source.
+    pub source: SourceSection,
+    /// Detection.
+    #[serde(default)]
+    pub detect: DetectConfig,
+    /// Alert hysteresis.
+    #[serde(default)]
+    pub alert: AlertConfig,
+    /// Event sinks.
+    #[serde(default)]
+    pub events: EventsSection,
+    /// Snapshots.
+    #[serde(default)]
+    pub snapshots: SnapshotsSection,
+    /// Runtime.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+impl Config {
+    /// Reads, parses and validates a file; relative paths are resolved against its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut cfg.model.manifest);
+        resolve(&mut cfg.source.path);
+        if let Some(f) = &mut cfg.events.file {
+            resolve(f);
+        }
+        if let Some(d) = &mut cfg.snapshots.dir {
+            resolve(d);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
+                    .unwrap_or_default(),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.detect.validate()?;
+        self.alert.validate()?;
+        if !(self.source.fps >= 0.0 && self.source.fps <= 1000.0) {
+            return Err(format!(
+                "[source] fps = {} must be in 0..=1000",
+                self.source.fps
+            ));
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.events.level.as_str()) {
+            return Err(format!(
+                "[events] level = {:?} must be one of error, warn, info, debug, trace",
+                self.events.level
+            ));
+        }
+        if !(self.runtime.stall_secs >= 0.5 && self.runtime.stall_secs <= 3600.0) {
+            return Err(format!(
+                "[runtime] stall_secs = {} must be in 0.5..=3600",
+                self.runtime.stall_secs
+            ));
+        }
+        if !(self.runtime.status_secs >= 0.1 && self.runtime.status_secs <= 3600.0) {
+            return Err(format!(
+                "[runtime] status_secs = {} must be in 0.1..=3600",
+                self.runtime.status_secs
+            ));
+        }
+        if self.snapshots.quota_mib == 0 {
+            return Err("[snapshots] quota_mib must be at least 1 (remove dir to disable)".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../polypwatch.example.toml");
+
+    #[test]
+    fn the_example_parses() {
+        Config::parse(EXAMPLE, Path::new("polypwatch.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = EXAMPLE.replace("[alert]", "[alert]\nraise_after = 3");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("raise_after") && err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let text = EXAMPLE.replace("raise_n = 3", "raise_n = 30");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("raise_n"), "{err}");
+        let text = EXAMPLE.replace("level = \"info\"", "level = \"loud\"");
+        assert!(Config::parse(&text, Path::new("x.toml")).is_err());
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, EXAMPLE).unwrap();
+        let cfg = Config::load(&p).unwrap();
+        assert!(cfg.model.manifest.starts_with(d.path()));
+    }
+}

@@ -1,0 +1,270 @@
+//! From logits to a per-frame decision: probabilities, the thresholded mask, connected
+//! components, and the frame's score.
+
+use image::{GrayImage, Luma};
+use imageproc::region_labelling::{Connectivity, connected_components};
+use serde::{Deserialize, Serialize};
+
+use crate::model::sigmoid;
+
+/// Detection parameters (the `[detect]` table of the daemon config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// Pixel probability threshold; `None` uses the model manifest's.
+    #[serde(default)]
+    pub pixel_threshold: Option<f32>,
+    /// Smallest component, as a fraction of the frame, that can make a frame positive.
+    #[serde(default = "default_min_area")]
+    pub min_area: f32,
+    /// Component score (mean probability inside it) at or above which a frame is positive.
+    #[serde(default = "default_alert_score")]
+    pub alert_score: f32,
+    /// Lower score at or above which a frame is a candidate (logged at debug level only).
+    #[serde(default = "default_candidate_score")]
+    pub candidate_score: f32,
+}
+
+fn default_min_area() -> f32 {
+    0.002
+}
+fn default_alert_score() -> f32 {
+    0.7
+}
+fn default_candidate_score() -> f32 {
+    0.55
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            pixel_threshold: None,
+            min_area: default_min_area(),
+            alert_score: default_alert_score(),
+            candidate_score: default_candidate_score(),
+        }
+    }
+}
+
+impl DetectConfig {
+    /// Checks ranges; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = self.pixel_threshold
+            && !(t > 0.0 && t < 1.0)
+        {
+            return Err(format!("[detect] pixel_threshold = {t} must be in (0, 1)"));
+        }
+        if !(0.0..1.0).contains(&self.min_area) {
+            return Err(format!(
+                "[detect] min_area = {} must be in [0, 1)",
+                self.min_area
+            ));
+        }
+        for (k, v) in [
+            ("alert_score", self.alert_score),
+            ("candidate_score", self.candidate_score),
+        ] {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(format!("[detect] {k} = {v} must be in (0, 1)"));
+            }
+        }
+        if self.candidate_score > self.alert_score {
+            return Err(format!(
+                "[detect] candidate_score = {} must not exceed alert_score = {}",
+                self.candidate_score, self.alert_score
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One connected region of polyp pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Component {
+    /// Pixels in the region.
+    pub pixels: u32,
+    /// Area as a fraction of the frame.
+    pub area: f32,
+    /// Mean polyp probability inside the region.
+    pub score: f32,
+    /// Bounding box `[x, y, width, height]` as fractions of the frame width/height.
+    pub bbox: [f32; 4],
+}
+
+/// What one frame shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Detection {
+    /// The best component (highest score among those of at least `min_area`), if any.
+    pub best: Option<Component>,
+    /// Number of components of at least `min_area`.
+    pub components: usize,
+    /// The frame's score: the best component's score, 0 without one.
+    pub score: f32,
+    /// Score >= alert_score: counts towards raising an alert.
+    pub positive: bool,
+    /// Score >= candidate_score.
+    pub candidate: bool,
+}
+
+/// Turns logits into probabilities, a binary mask and a [`Detection`].
+pub struct Detector {
+    cfg: DetectConfig,
+    pixel_threshold: f32,
+}
+
+impl Detector {
+    /// A detector with `cfg`, falling back to `manifest_threshold` for pixels.
+    pub fn new(cfg: DetectConfig, manifest_threshold: f32) -> Self {
+        let pixel_threshold = cfg.pixel_threshold.unwrap_or(manifest_threshold);
+        Detector {
+            cfg,
+            pixel_threshold,
+        }
+    }
+
+    /// The pixel threshold in use.
+    pub fn pixel_threshold(&self) -> f32 {
+        self.pixel_threshold
+    }
+
+    /// Probabilities from logits (in place), and the binary mask (255 = polyp).
+    pub fn mask(&self, logits: &mut [f32], width: u32, height: u32) -> GrayImage {
+        let mut mask = GrayImage::new(width, height);
+        for (p, px) in logits.iter_mut().zip(mask.pixels_mut()) {
+            *p = sigmoid(*p);
+            if *p >= self.pixel_threshold {
+                *px = Luma([255]);
+            }
+        }
+        mask
+    }
+
+    /// Scores a frame from its probabilities and mask (see [`Detector::mask`]).
+    pub fn detect(&self, probs: &[f32], mask: &GrayImage) -> Detection {
+        let (w, h) = mask.dimensions();
+        let labels = connected_components(mask, Connectivity::Eight, Luma([0u8]));
+        // Per label: pixels, probability sum, bbox.
+        let mut stats: Vec<(u32, f64, u32, u32, u32, u32)> = Vec::new();
+        for (i, l) in labels.as_raw().iter().enumerate() {
+            if *l == 0 {
+                continue;
+            }
+            let l = *l as usize;
+            if stats.len() < l {
+                stats.resize(l, (0, 0.0, u32::MAX, u32::MAX, 0, 0));
+            }
+            let (x, y) = (i as u32 % w, i as u32 / w);
+            let s = &mut stats[l - 1];
+            s.0 += 1;
+            s.1 += probs[i] as f64;
+            s.2 = s.2.min(x);
+            s.3 = s.3.min(y);
+            s.4 = s.4.max(x);
+            s.5 = s.5.max(y);
+        }
+        let total = (w * h) as f32;
+        let comps: Vec<Component> = stats
+            .iter()
+            .filter(|s| s.0 > 0)
+            .map(|&(n, sum, x0, y0, x1, y1)| Component {
+                pixels: n,
+                area: n as f32 / total,
+                score: (sum / n as f64) as f32,
+                bbox: [
+                    x0 as f32 / w as f32,
+                    y0 as f32 / h as f32,
+                    (x1 - x0 + 1) as f32 / w as f32,
+                    (y1 - y0 + 1) as f32 / h as f32,
+                ],
+            })
+            .filter(|c| c.area >= self.cfg.min_area)
+            .collect();
+        let best = comps
+            .iter()
+            .copied()
+            .max_by(|a, b| a.score.total_cmp(&b.score).then(a.pixels.cmp(&b.pixels)));
+        let score = best.map_or(0.0, |c| c.score);
+        Detection {
+            best,
+            components: comps.len(),
+            score,
+            positive: score >= self.cfg.alert_score,
+            candidate: score >= self.cfg.candidate_score,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logit(p: f32) -> f32 {
+        (p / (1.0 - p)).ln()
+    }
+
+    #[test]
+    fn components_area_bbox_and_score() {
+        let (w, h) = (10u32, 10u32);
+        // A 3x2 blob of p = 0.9 at (2, 3), a single pixel of p = 0.6 at (8, 8), rest p = 0.1.
+        let mut logits = vec![logit(0.1); 100];
+        for y in 3..5 {
+            for x in 2..5 {
+                logits[y * 10 + x] = logit(0.9);
+            }
+        }
+        logits[88] = logit(0.6);
+        let d = Detector::new(
+            DetectConfig {
+                min_area: 0.0,
+                ..Default::default()
+            },
+            0.5,
+        );
+        let mask = d.mask(&mut logits, w, h);
+        let det = d.detect(&logits, &mask);
+        assert_eq!(det.components, 2);
+        let best = det.best.unwrap();
+        assert_eq!(best.pixels, 6);
+        assert!((best.score - 0.9).abs() < 1e-5);
+        assert!((best.area - 0.06).abs() < 1e-6);
+        assert_eq!(best.bbox, [0.2, 0.3, 0.3, 0.2]);
+        assert!(det.positive && det.candidate);
+    }
+
+    #[test]
+    fn small_components_are_ignored() {
+        let mut logits = vec![logit(0.1); 100];
+        logits[55] = logit(0.95);
+        let d = Detector::new(
+            DetectConfig {
+                min_area: 0.02,
+                ..Default::default()
+            },
+            0.5,
+        );
+        let mask = d.mask(&mut logits, 10, 10);
+        let det = d.detect(&logits, &mask);
+        assert_eq!(det.components, 0);
+        assert!(!det.positive && det.score == 0.0);
+    }
+
+    #[test]
+    fn candidate_between_the_two_levels() {
+        let mut logits = vec![logit(0.6); 100];
+        let d = Detector::new(DetectConfig::default(), 0.5);
+        let mask = d.mask(&mut logits, 10, 10);
+        let det = d.detect(&logits, &mask);
+        assert!(det.candidate && !det.positive);
+    }
+
+    #[test]
+    fn config_ranges() {
+        assert!(DetectConfig::default().validate().is_ok());
+        let bad = DetectConfig {
+            candidate_score: 0.9,
+            alert_score: 0.8,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("candidate_score"));
+    }
+}

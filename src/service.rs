@@ -1,0 +1,445 @@
+//! The daemon's pipeline: capture on its own thread with latest-frame hand-off, then
+//! preprocess, infer, detect, alert and sink on the processing thread; signals, systemd
+//! readiness, status and watchdog.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::alert::{AlertEvent, AlertMachine, Transition};
+use crate::capture::{CaptureError, Frame, FrameSource, Replay};
+use crate::config::{Config, ConfigError, SourceKind};
+use crate::detect::{Detection, Detector};
+use crate::model::{ModelError, Segmenter};
+use crate::sink::{Event, EventStream, Snapshots, overlay};
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The frame source could not be opened.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// Flags set by signal handlers and read by the loop.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// SIGTERM/SIGINT: finish the frame, flush, exit.
+    pub stop: Arc<AtomicBool>,
+    /// SIGHUP: reload configuration and model.
+    pub reload: Arc<AtomicBool>,
+}
+
+impl Control {
+    /// Registers SIGTERM, SIGINT (stop) and SIGHUP (reload).
+    pub fn install_signal_handlers(&self) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        signal_hook::flag::register(SIGTERM, self.stop.clone())?;
+        signal_hook::flag::register(SIGINT, self.stop.clone())?;
+        signal_hook::flag::register(SIGHUP, self.reload.clone())?;
+        Ok(())
+    }
+}
+
+/// Counters reported at exit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Frames processed.
+    pub frames: u64,
+    /// Frames dropped because inference was busy (latest-frame semantics).
+    pub dropped: u64,
+    /// Frames that could not be read or decoded.
+    pub bad_frames: u64,
+    /// Alerts raised.
+    pub alerts: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    frame: Option<Frame>,
+    dropped: u64,
+    bad: u64,
+    ended: bool,
+}
+
+struct Handoff {
+    slot: Mutex<Slot>,
+    ready: Condvar,
+}
+
+/// Opens the configured frame source.
+pub fn open_source(cfg: &Config) -> Result<Box<dyn FrameSource>, ServiceError> {
+    match cfg.source.kind {
+        SourceKind::Replay => Ok(Box::new(Replay::open(
+            &cfg.source.path,
+            cfg.source.fps,
+            cfg.source.r#loop,
+        )?)),
+    }
+}
+
+fn capture_loop(mut src: Box<dyn FrameSource>, hand: Arc<Handoff>, stop: Arc<AtomicBool>) {
+    let paced = src.paced();
+    while !stop.load(Ordering::Relaxed) {
+        if !paced {
+            let mut slot = hand.slot.lock().unwrap_or_else(|e| e.into_inner());
+            while slot.frame.is_some() && !stop.load(Ordering::Relaxed) {
+                slot = hand
+                    .ready
+                    .wait_timeout(slot, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let next = src.next_frame();
+        let mut slot = hand.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match next {
+            Ok(Some(f)) => {
+                // Latest frame wins: capture never waits for inference.
+                if slot.frame.replace(f).is_some() {
+                    slot.dropped += 1;
+                }
+            }
+            Ok(None) => {
+                slot.ended = true;
+                hand.ready.notify_all();
+                return;
+            }
+            Err(e @ CaptureError::BadFrame { .. }) => {
+                slot.bad += 1;
+                log::warn!("{e}");
+            }
+            Err(e) => {
+                log::error!("{e}; the frame source stopped");
+                slot.ended = true;
+                hand.ready.notify_all();
+                return;
+            }
+        }
+        hand.ready.notify_all();
+    }
+}
+
+/// The parts of the pipeline a reload replaces.
+struct Engine {
+    cfg: Config,
+    seg: Segmenter,
+    detector: Detector,
+    events: EventStream,
+    snapshots: Option<Snapshots>,
+}
+
+impl Engine {
+    fn new(cfg: Config) -> Result<Self, ServiceError> {
+        let seg = Segmenter::load(&cfg.model.manifest)?;
+        let detector = Detector::new(cfg.detect.clone(), seg.manifest().output.threshold);
+        let events = EventStream::open(&cfg.events);
+        let snapshots = cfg
+            .snapshots
+            .dir
+            .clone()
+            .map(|d| Snapshots::new(d, cfg.snapshots.quota_mib * 1024 * 1024));
+        Ok(Engine {
+            cfg,
+            seg,
+            detector,
+            events,
+            snapshots,
+        })
+    }
+
+    fn model_label(&self) -> String {
+        let m = &self.seg.manifest().model;
+        format!("{} {} ({})", m.name, m.version, m.precision)
+    }
+}
+
+/// What processing one frame produced.
+struct Processed {
+    detection: Detection,
+    mask: image::GrayImage,
+    latency_ms: f64,
+}
+
+fn process(engine: &Engine, frame: &Frame) -> Result<Processed, ModelError> {
+    let r = &engine.seg.manifest().preprocess;
+    let mut logits = engine.seg.run(&r.tensor_from_rgb(&frame.image))?;
+    let mask = engine.detector.mask(&mut logits, r.width, r.height);
+    let detection = engine.detector.detect(&logits, &mask);
+    Ok(Processed {
+        detection,
+        mask,
+        latency_ms: frame.captured.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        log::debug!("sd_notify: {e}");
+    }
+}
+
+fn alert_start(engine: &mut Engine, a: &AlertEvent, frame: &Frame, p: &Processed) {
+    let best = p.detection.best;
+    let area = best.map_or(0.0, |c| c.area);
+    let bbox = best.map_or([0.0; 4], |c| c.bbox);
+    let version = engine.seg.manifest().model.version.clone();
+    let bbox_s = format!(
+        "{:.3},{:.3},{:.3},{:.3}",
+        bbox[0], bbox[1], bbox[2], bbox[3]
+    );
+    log::warn!(
+        polyp_event = "start", polyp_alert_id = a.id, polyp_score = p.detection.score,
+        polyp_area = area, polyp_bbox = bbox_s.as_str(), frame_seq = frame.seq,
+        latency_ms = p.latency_ms, model_version = version.as_str();
+        "polyp alert {} raised: score {:.2}, area {:.1}%", a.id, p.detection.score, area * 100.0
+    );
+    engine.events.emit(&Event::AlertStart {
+        alert_id: a.id,
+        seq: frame.seq,
+        frame: frame.origin.clone(),
+        t_ms: frame.t_ms,
+        score: p.detection.score,
+        area,
+        bbox,
+        latency_ms: p.latency_ms,
+        model_version: version,
+    });
+    if let Some(s) = &engine.snapshots {
+        let name = format!("{}-alert{:04}-seq{}.jpg", unix_ms(), a.id, frame.seq);
+        match s.save(&name, &overlay(&frame.image, &p.mask, best.map(|c| c.bbox))) {
+            Ok(path) => log::info!("snapshot {}", path.display()),
+            Err(e) => log::error!("cannot save snapshot {name}: {e}; alerting goes on"),
+        }
+    }
+}
+
+fn alert_end(engine: &mut Engine, a: &AlertEvent, frame: &Frame) {
+    log::info!(
+        polyp_event = "end", polyp_alert_id = a.id, polyp_score = a.peak_score,
+        frame_seq = frame.seq, polyp_frames = a.frames;
+        "polyp alert {} cleared after {} frames (peak score {:.2})", a.id, a.frames, a.peak_score
+    );
+    engine.events.emit(&Event::AlertEnd {
+        alert_id: a.id,
+        seq: frame.seq,
+        frame: frame.origin.clone(),
+        start_ms: a.start_ms,
+        end_ms: a.end_ms.unwrap_or(frame.t_ms),
+        peak_score: a.peak_score,
+        frames: a.frames,
+    });
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Runs the daemon until stopped (or until a finite replay ends). `config_path` is re-read on
+/// SIGHUP; without one (the embedded demo) a reload re-checks the model file.
+pub fn run(
+    config_path: Option<&Path>,
+    cfg: Config,
+    control: &Control,
+) -> Result<Summary, ServiceError> {
+    let mut engine = Engine::new(cfg)?;
+    let source = open_source(&engine.cfg)?;
+    log::info!(
+        "model {} from {}",
+        engine.model_label(),
+        engine.seg.onnx_path().display()
+    );
+    log::info!("source {}", source.describe());
+    let source_desc = source.describe();
+
+    let hand = Arc::new(Handoff {
+        slot: Mutex::new(Slot::default()),
+        ready: Condvar::new(),
+    });
+    let cap_stop = Arc::new(AtomicBool::new(false));
+    let capture = {
+        let (hand, stop) = (hand.clone(), cap_stop.clone());
+        std::thread::Builder::new()
+            .name("capture".into())
+            .spawn(move || capture_loop(source, hand, stop))
+            .expect("spawn capture thread")
+    };
+
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let stall = Duration::from_secs_f64(engine.cfg.runtime.stall_secs);
+    let mut alerts = AlertMachine::new(engine.cfg.alert.clone());
+    let mut summary = Summary::default();
+    let mut ready = false;
+    let mut last_frame_at = Instant::now();
+    let mut last_watchdog = Instant::now();
+    let mut last_status = Instant::now();
+    let mut window_frames = 0u64;
+    let mut window_latency = 0.0f64;
+    let mut last_frame: Option<Frame> = None;
+    let mut stalled = false;
+
+    loop {
+        if control.reload.swap(false, Ordering::Relaxed) {
+            reload(config_path, &mut engine, &mut alerts);
+        }
+        let (frame, ended) = {
+            let mut slot = hand.slot.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.frame.is_none() && !slot.ended && !control.stop.load(Ordering::Relaxed) {
+                slot = hand
+                    .ready
+                    .wait_timeout(slot, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            summary.dropped = slot.dropped;
+            summary.bad_frames = slot.bad;
+            let taken = slot.frame.take();
+            // An unpaced source waits for the slot to empty.
+            hand.ready.notify_all();
+            (taken, slot.ended)
+        };
+        if let Some(frame) = frame {
+            match process(&engine, &frame) {
+                Ok(p) => {
+                    summary.frames += 1;
+                    window_frames += 1;
+                    window_latency += p.latency_ms;
+                    last_frame_at = Instant::now();
+                    if stalled {
+                        log::info!("frames flow again");
+                        stalled = false;
+                    }
+                    if p.detection.candidate && !p.detection.positive {
+                        log::debug!(frame_seq = frame.seq, polyp_score = p.detection.score; "candidate frame");
+                    }
+                    match alerts.update(
+                        frame.seq,
+                        frame.t_ms,
+                        p.detection.positive,
+                        p.detection.score,
+                    ) {
+                        Transition::Raised(a) => {
+                            summary.alerts += 1;
+                            alert_start(&mut engine, &a, &frame, &p);
+                        }
+                        Transition::Cleared(a) => alert_end(&mut engine, &a, &frame),
+                        Transition::None => {}
+                    }
+                    if !ready {
+                        ready = true;
+                        engine.events.emit(&Event::Ready {
+                            model: engine.model_label(),
+                            source: source_desc.clone(),
+                        });
+                        notify(&[sd_notify::NotifyState::Ready]);
+                        log::info!("ready: first frame processed in {:.1} ms", p.latency_ms);
+                    }
+                }
+                Err(e) => log::error!("frame {} ({}): {e}", frame.seq, frame.origin),
+            }
+            last_frame = Some(frame);
+        }
+        let now = Instant::now();
+        if let Some(wd) = watchdog {
+            // Fed only while frames flow, so systemd restarts a stalled pipeline.
+            if now - last_frame_at < stall {
+                if now - last_watchdog >= wd {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                    last_watchdog = now;
+                }
+            } else if !stalled {
+                stalled = true;
+                log::error!(
+                    "no frame for {:.1} s: watchdog no longer fed",
+                    stall.as_secs_f64()
+                );
+            }
+        }
+        if ready && now - last_status >= Duration::from_secs_f64(engine.cfg.runtime.status_secs) {
+            let secs = (now - last_status).as_secs_f64();
+            let status = format!(
+                "{:.1} fps, latency {:.0} ms, model {}, {} alerts, {} dropped",
+                window_frames as f64 / secs,
+                window_latency / window_frames.max(1) as f64,
+                engine.seg.manifest().model.version,
+                summary.alerts,
+                summary.dropped
+            );
+            notify(&[sd_notify::NotifyState::Status(&status)]);
+            (last_status, window_frames, window_latency) = (now, 0, 0.0);
+        }
+        if control.stop.load(Ordering::Relaxed)
+            || (ended && hand.slot.lock().map(|s| s.frame.is_none()).unwrap_or(true))
+        {
+            break;
+        }
+    }
+
+    notify(&[sd_notify::NotifyState::Stopping]);
+    cap_stop.store(true, Ordering::Relaxed);
+    if let (Some(a), Some(f)) = (alerts.active().cloned(), &last_frame) {
+        // Close the open alert so every start has an end in the stream.
+        let mut a = a;
+        a.end_seq = Some(f.seq);
+        a.end_ms = Some(f.t_ms);
+        alert_end(&mut engine, &a, f);
+    }
+    engine.events.emit(&Event::Stopped {
+        frames: summary.frames,
+        dropped: summary.dropped,
+        bad_frames: summary.bad_frames,
+        alerts: summary.alerts,
+    });
+    engine.events.flush();
+    log::logger().flush();
+    let _ = capture.join();
+    Ok(summary)
+}
+
+fn reload(config_path: Option<&Path>, engine: &mut Engine, alerts: &mut AlertMachine) {
+    let cfg = match config_path {
+        Some(p) => Config::load(p),
+        None => Ok(engine.cfg.clone()),
+    };
+    let result = cfg.map_err(ServiceError::from).and_then(|cfg| {
+        if cfg.source != engine.cfg.source {
+            log::warn!("[source] changes take effect on restart");
+        }
+        Engine::new(cfg)
+    });
+    match result {
+        Ok(new) => {
+            alerts.reconfigure(new.cfg.alert.clone());
+            let label = new.model_label();
+            *engine = new;
+            log::info!("reloaded: model {label}");
+            engine.events.emit(&Event::Reloaded { model: label });
+        }
+        Err(e) => {
+            log::error!(
+                "reload rejected, still serving {}: {e}",
+                engine.model_label()
+            );
+            engine.events.emit(&Event::ReloadRejected {
+                reason: e.to_string(),
+            });
+        }
+    }
+}
+
+/// The configuration that `polypwatch` with no arguments runs: the bundled demo clip through
+/// the shipped model, events on stdout.
+pub fn demo_config() -> Result<Config, ConfigError> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Config::load(&root.join("demo/demo.toml"))
+}

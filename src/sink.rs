@@ -1,0 +1,343 @@
+//! Where alerts go: the log (systemd journal with structured fields, or stderr), a JSON-lines
+//! event stream, and overlay snapshots with a disk quota. A sink that fails is reported and
+//! skipped; it never stops detection or the other sinks.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use image::{GrayImage, Rgb, RgbImage};
+use serde::Serialize;
+
+use crate::config::{EventsSection, Journald};
+
+/// The journal's socket; its presence means journald is there to log to.
+pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// Installs the global logger: journald (structured fields) or stderr.
+pub fn init_logging(cfg: &EventsSection) -> &'static str {
+    let level = match cfg.level.as_str() {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    log::set_max_level(level);
+    let want_journal = match cfg.journald {
+        Journald::On => true,
+        Journald::Off => false,
+        Journald::Auto => Path::new(JOURNAL_SOCKET).exists(),
+    };
+    if want_journal
+        && let Ok(j) = systemd_journal_logger::JournalLog::new()
+        && j.with_syslog_identifier("polypwatch".into())
+            .install()
+            .is_ok()
+    {
+        return "journald";
+    }
+    let _ = log::set_boxed_logger(Box::new(StderrLog));
+    "stderr"
+}
+
+/// Logs `LEVEL message KEY=value ...` lines to stderr when there is no journal.
+struct StderrLog;
+
+struct KvLine<'a>(&'a mut String);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for KvLine<'_> {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        self.0.push_str(&format!(" {key}={value}"));
+        Ok(())
+    }
+}
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let mut line = format!("polypwatch {:<5} {}", r.level(), r.args());
+        let _ = r.key_values().visit(&mut KvLine(&mut line));
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+    fn flush(&self) {}
+}
+
+/// A JSON-lines event (one object per line, `event` names its kind).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The pipeline is running: model loaded and a first frame processed.
+    Ready {
+        /// Model name and version.
+        model: String,
+        /// Frame source.
+        source: String,
+    },
+    /// An alert started.
+    AlertStart {
+        /// Alert number.
+        alert_id: u64,
+        /// Frame that raised it.
+        seq: u64,
+        /// Its origin (file name or device).
+        frame: String,
+        /// Stream time of the raise, ms.
+        t_ms: u64,
+        /// Frame score.
+        score: f32,
+        /// Best component's area (fraction of the frame).
+        area: f32,
+        /// Best component's box `[x, y, w, h]` (fractions).
+        bbox: [f32; 4],
+        /// Capture-to-decision latency, ms.
+        latency_ms: f64,
+        /// Model version.
+        model_version: String,
+    },
+    /// An alert ended.
+    AlertEnd {
+        /// Alert number.
+        alert_id: u64,
+        /// Frame that cleared it.
+        seq: u64,
+        /// Its origin.
+        frame: String,
+        /// Stream time of the raise, ms.
+        start_ms: u64,
+        /// Stream time of the clear, ms.
+        end_ms: u64,
+        /// Highest frame score during the alert.
+        peak_score: f32,
+        /// Frames processed during the alert.
+        frames: u64,
+    },
+    /// The configuration and model were reloaded (SIGHUP).
+    Reloaded {
+        /// The model now in use.
+        model: String,
+    },
+    /// A reload was refused; the previous configuration and model keep serving.
+    ReloadRejected {
+        /// Why.
+        reason: String,
+    },
+    /// The daemon stopped.
+    Stopped {
+        /// Frames processed.
+        frames: u64,
+        /// Frames dropped because inference was busy.
+        dropped: u64,
+        /// Frames that could not be read or decoded.
+        bad_frames: u64,
+        /// Alerts raised.
+        alerts: u64,
+    },
+}
+
+/// JSON-lines writers (stdout and/or a file).
+pub struct EventStream {
+    stdout: bool,
+    file: Option<(PathBuf, std::fs::File)>,
+    file_failed: bool,
+}
+
+impl EventStream {
+    /// Opens the configured event outputs; a file that cannot be opened is logged and skipped.
+    pub fn open(cfg: &EventsSection) -> Self {
+        let file = cfg.file.as_ref().and_then(|p| {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+            {
+                Ok(f) => Some((p.clone(), f)),
+                Err(e) => {
+                    log::error!(
+                        "cannot open event file {}: {e}; events go to the other sinks",
+                        p.display()
+                    );
+                    None
+                }
+            }
+        });
+        EventStream {
+            stdout: cfg.stdout,
+            file,
+            file_failed: false,
+        }
+    }
+
+    /// Writes one event to every output; failures are logged once per output and skipped.
+    pub fn emit(&mut self, ev: &Event) {
+        let mut line = serde_json::to_string(ev).expect("events serialise");
+        line.push('\n');
+        if self.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(line.as_bytes()).and_then(|_| out.flush());
+        }
+        if let Some((path, f)) = &mut self.file {
+            match f.write_all(line.as_bytes()) {
+                Ok(()) => self.file_failed = false,
+                Err(e) if !self.file_failed => {
+                    self.file_failed = true;
+                    log::error!(
+                        "cannot write event file {}: {e}; still alerting through the other sinks",
+                        path.display()
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Flushes the file output.
+    pub fn flush(&mut self) {
+        if let Some((_, f)) = &mut self.file {
+            let _ = f.flush();
+        }
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// Draws the mask over a frame: polyp pixels tinted green, the mask's outline in yellow and the
+/// best component's box in red. `mask` is at the model's size; it is scaled to the frame.
+pub fn overlay(frame: &RgbImage, mask: &GrayImage, bbox: Option<[f32; 4]>) -> RgbImage {
+    let (w, h) = frame.dimensions();
+    let big = image::imageops::resize(mask, w, h, image::imageops::FilterType::Nearest);
+    let mut out = frame.clone();
+    for (px, m) in out.pixels_mut().zip(big.pixels()) {
+        if m.0[0] > 127 {
+            px.0 = [px.0[0] / 2, (px.0[1] / 2).saturating_add(120), px.0[2] / 2];
+        }
+    }
+    for c in imageproc::contours::find_contours::<i32>(&big) {
+        for p in c.points {
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
+                let (x, y) = ((p.x + dx) as u32, (p.y + dy) as u32);
+                if x < w && y < h {
+                    out.put_pixel(x, y, Rgb([255, 230, 0]));
+                }
+            }
+        }
+    }
+    if let Some([bx, by, bw, bh]) = bbox {
+        let r = imageproc::rect::Rect::at((bx * w as f32) as i32, (by * h as f32) as i32).of_size(
+            ((bw * w as f32) as u32).max(1),
+            ((bh * h as f32) as u32).max(1),
+        );
+        imageproc::drawing::draw_hollow_rect_mut(&mut out, r, Rgb([255, 0, 0]));
+    }
+    out
+}
+
+/// Saves overlay snapshots into a folder, deleting the oldest beyond a quota.
+pub struct Snapshots {
+    dir: PathBuf,
+    quota: u64,
+}
+
+impl Snapshots {
+    /// A snapshot folder with a quota in bytes (created on first save).
+    pub fn new(dir: PathBuf, quota_bytes: u64) -> Self {
+        Snapshots {
+            dir,
+            quota: quota_bytes,
+        }
+    }
+
+    /// Writes `name` (JPEG) and enforces the quota; returns the path written.
+    pub fn save(&self, name: &str, img: &RgbImage) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        img.save_with_format(&tmp, image::ImageFormat::Jpeg)
+            .map_err(std::io::Error::other)?;
+        std::fs::rename(&tmp, &path)?;
+        self.enforce_quota()?;
+        Ok(path)
+    }
+
+    fn enforce_quota(&self) -> std::io::Result<()> {
+        let mut files: Vec<(std::time::SystemTime, String, u64, PathBuf)> =
+            std::fs::read_dir(&self.dir)?
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "jpg"))
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    Some((
+                        m.modified().ok()?,
+                        e.file_name().to_string_lossy().into_owned(),
+                        m.len(),
+                        e.path(),
+                    ))
+                })
+                .collect();
+        // Oldest first; names carry a timestamp, which breaks ties of coarse mtimes.
+        files.sort();
+        let mut total: u64 = files.iter().map(|f| f.2).sum();
+        for (_, _, len, path) in files {
+            if total <= self.quota {
+                break;
+            }
+            std::fs::remove_file(&path)?;
+            total -= len;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_rotate_oldest_first_under_the_quota() {
+        let d = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(64, 64, |x, y| Rgb([(x * 4) as u8, (y * 4) as u8, 7]));
+        let one = {
+            let s = Snapshots::new(d.path().join("probe"), u64::MAX);
+            std::fs::metadata(s.save("p.jpg", &img).unwrap())
+                .unwrap()
+                .len()
+        };
+        let s = Snapshots::new(d.path().join("snaps"), one * 3 + one / 2);
+        for i in 0..6 {
+            s.save(&format!("{i:03}.jpg"), &img).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(15));
+        }
+        let mut left: Vec<String> = std::fs::read_dir(d.path().join("snaps"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["003.jpg", "004.jpg", "005.jpg"]);
+    }
+
+    #[test]
+    fn unwritable_snapshot_folder_is_an_error_not_a_panic() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("file"), b"x").unwrap();
+        let s = Snapshots::new(d.path().join("file").join("sub"), 1 << 20);
+        assert!(s.save("a.jpg", &RgbImage::new(4, 4)).is_err());
+    }
+
+    #[test]
+    fn overlay_marks_polyp_pixels() {
+        let frame = RgbImage::from_pixel(8, 8, Rgb([100, 100, 100]));
+        let mut mask = GrayImage::new(4, 4);
+        mask.put_pixel(1, 1, image::Luma([255]));
+        let o = overlay(&frame, &mask, None);
+        assert_ne!(o.get_pixel(2, 2), &Rgb([100, 100, 100]));
+        assert_eq!(o.get_pixel(7, 7), &Rgb([100, 100, 100]));
+    }
+}

@@ -1,0 +1,302 @@
+//! End-to-end tests of the daemon: the real binary as a child process, on replay clips, with
+//! real signals.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Daemon {
+    child: Child,
+    events: Receiver<Value>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+fn config(dir: &Path, manifest: &Path, clip: &Path, fps: f64, looping: bool) -> PathBuf {
+    let p = dir.join("polypwatch.toml");
+    let text = format!(
+        r#"
+[model]
+manifest = "{}"
+
+[source]
+kind = "replay"
+path = "{}"
+fps = {fps:.1}
+loop = {looping}
+
+[events]
+journald = "off"
+level = "info"
+"#,
+        manifest.display(),
+        clip.display()
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn start(config: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, events) = channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let err = child.stderr.take().unwrap();
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    Daemon {
+        child,
+        events,
+        stderr,
+    }
+}
+
+impl Daemon {
+    /// Waits for the next event of `kind`, returning the events seen on the way.
+    fn wait_for(&self, kind: &str, timeout: Duration) -> (Value, Vec<Value>) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["event"] == kind => return (v, seen),
+                Ok(v) => seen.push(v),
+                Err(_) => panic!(
+                    "no {kind} event within {timeout:?}; saw {seen:?}; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    fn exit_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "still running after {timeout:?}; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Frame index from a clip file name (`frame_0042.jpg`).
+fn frame_index(name: &str) -> usize {
+    name.trim_start_matches("frame_")
+        .trim_end_matches(".jpg")
+        .parse()
+        .unwrap()
+}
+
+/// First and last frames where the clip's labels say the polyp is in view.
+fn in_view_run(clip: &Path) -> (usize, usize) {
+    let labels = std::fs::read_to_string(clip.join("labels.csv")).unwrap();
+    let in_view: Vec<usize> = labels
+        .lines()
+        .skip(1)
+        .filter(|l| l.split(',').nth(1) == Some("1"))
+        .map(|l| frame_index(l.split(',').next().unwrap()))
+        .collect();
+    (in_view[0], *in_view.last().unwrap())
+}
+
+#[test]
+fn alerts_while_the_polyp_is_in_view_reloads_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = root().join("demo/clip");
+    let manifest = root().join("models/polypwatch-edge-f32.toml");
+    // 10 fps: slow enough that no frame is dropped on a busy CI machine.
+    let cfg = config(dir.path(), &manifest, &clip, 10.0, true);
+    let mut d = start(&cfg);
+    d.wait_for("ready", Duration::from_secs(30));
+
+    let (first, last) = in_view_run(&clip);
+    let (start, before) = d.wait_for("alert_start", Duration::from_secs(30));
+    assert!(before.iter().all(|e| e["event"] != "alert_end"));
+    let s = frame_index(start["frame"].as_str().unwrap());
+    assert!(
+        s >= first && s <= last,
+        "alert raised at frame {s}, polyp in view {first}..={last}"
+    );
+    let (end, _) = d.wait_for("alert_end", Duration::from_secs(30));
+    let e = frame_index(end["frame"].as_str().unwrap());
+    assert!(
+        e > last || e < first,
+        "alert cleared at frame {e} while the polyp is in view ({first}..={last})"
+    );
+    assert!(end["peak_score"].as_f64().unwrap() >= start["score"].as_f64().unwrap());
+
+    d.signal("-HUP");
+    d.wait_for("reloaded", Duration::from_secs(10));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "daemon exited on SIGHUP"
+    );
+
+    d.signal("-TERM");
+    let status = d.exit_within(Duration::from_secs(2));
+    assert!(status.success(), "{status:?}");
+    d.wait_for("stopped", Duration::from_secs(1));
+}
+
+fn tiny() -> PathBuf {
+    root().join("tests/fixtures/model/tiny-f32.toml")
+}
+
+#[test]
+fn corrupt_frames_are_skipped_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir(&clip).unwrap();
+    let imgs = root().join("tests/fixtures/kvasir-mini/images");
+    let mut names: Vec<_> = std::fs::read_dir(&imgs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for (i, p) in names.iter().take(3).enumerate() {
+        std::fs::copy(p, clip.join(format!("f{}.jpg", i * 2))).unwrap();
+    }
+    let good = std::fs::read(&names[0]).unwrap();
+    // Cut inside the headers: no image data at all.
+    std::fs::write(clip.join("f1.jpg"), &good[..200]).unwrap();
+    std::fs::write(clip.join("f3.jpg"), b"not a jpeg at all").unwrap();
+    let cfg = config(dir.path(), &tiny(), &clip, 0.0, false);
+    let mut d = start(&cfg);
+    let (stopped, _) = d.wait_for("stopped", Duration::from_secs(30));
+    assert!(d.exit_within(Duration::from_secs(5)).success());
+    assert_eq!(stopped["frames"], 3, "{stopped}");
+    assert_eq!(stopped["bad_frames"], 2, "{stopped}");
+    let err = d.stderr.lock().unwrap().clone();
+    assert!(
+        err.contains("f3.jpg") && err.contains("skipping frame"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_config_key_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &tiny(), &root().join("demo/clip"), 0.0, false);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[events]", "[events]\nvolume = 11");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("volume") && err.contains("line"), "{err}");
+}
+
+fn tampered_copy(dir: &Path) -> PathBuf {
+    for f in ["tiny-f32.onnx", "tiny-f32.toml"] {
+        std::fs::copy(root().join("tests/fixtures/model").join(f), dir.join(f)).unwrap();
+    }
+    let onnx = dir.join("tiny-f32.onnx");
+    let mut b = std::fs::read(&onnx).unwrap();
+    b[64] ^= 0x55;
+    std::fs::write(&onnx, b).unwrap();
+    dir.join("tiny-f32.toml")
+}
+
+#[test]
+fn model_with_a_wrong_sha256_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = tampered_copy(dir.path());
+    let cfg = config(dir.path(), &bad, &root().join("demo/clip"), 0.0, false);
+    let out = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sha256") && err.contains("tiny-f32.onnx"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_reload_is_rejected_and_the_old_model_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &tiny(), &root().join("demo/clip"), 20.0, true);
+    let mut d = start(&cfg);
+    d.wait_for("ready", Duration::from_secs(30));
+    let bad_dir = dir.path().join("bad");
+    std::fs::create_dir(&bad_dir).unwrap();
+    let bad = tampered_copy(&bad_dir);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&tiny().display().to_string(), &bad.display().to_string());
+    std::fs::write(&cfg, text).unwrap();
+    d.signal("-HUP");
+    let (rejected, _) = d.wait_for("reload_rejected", Duration::from_secs(10));
+    assert!(
+        rejected["reason"].as_str().unwrap().contains("sha256"),
+        "{rejected}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "daemon exited after a bad reload"
+    );
+    d.signal("-TERM");
+    assert!(d.exit_within(Duration::from_secs(2)).success());
+    let (stopped, _) = d.wait_for("stopped", Duration::from_secs(1));
+    assert!(stopped["frames"].as_u64().unwrap() > 0);
+}
