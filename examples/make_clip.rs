@@ -33,8 +33,9 @@ fn main() -> Result<()> {
     // Window: 45% of the width, full height; it travels from left of the polyp to right of it.
     let ww = (w as f32 * 0.45) as i64;
     let out_h = (out_w as f32 * h as f32 / ww as f32).round() as u32;
-    let start = x0 as i64 - ww - 8;
-    let end = x1 as i64 + 8;
+    // Half a window of empty travel on each side, so the clip starts and ends without polyp.
+    let start = x0 as i64 - ww - ww / 2;
+    let end = x1 as i64 + ww / 2;
     std::fs::create_dir_all(&out)?;
     let mut labels = String::from("frame,polyp_in_view,polyp_fraction\n");
     for i in 0..frames {
