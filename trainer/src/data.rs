@@ -212,9 +212,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn identity_augmentation_returns_the_item() {
-        let a = AugmentConfig {
+    fn no_augmentation() -> AugmentConfig {
+        AugmentConfig {
             scale: [1.0, 1.0],
             rotate_degrees: 0.0,
             hflip: false,
@@ -223,7 +222,12 @@ mod tests {
             brightness: 0.0,
             contrast: 0.0,
             saturation: 0.0,
-        };
+        }
+    }
+
+    #[test]
+    fn identity_augmentation_returns_the_item() {
+        let a = no_augmentation();
         let it = item();
         let (img, mask) = augment(&it, &a, 32, &mut StdRng::seed_from_u64(1));
         assert_eq!(img, it.image);
@@ -233,14 +237,8 @@ mod tests {
     #[test]
     fn flips_move_image_and_mask_together() {
         let a = AugmentConfig {
-            scale: [1.0, 1.0],
-            rotate_degrees: 0.0,
             hflip: true,
-            vflip: false,
-            shift: 0.0,
-            brightness: 0.0,
-            contrast: 0.0,
-            saturation: 0.0,
+            ..no_augmentation()
         };
         let it = item();
         // Draw until a flip happens; the mask's left half must then be on the right.
