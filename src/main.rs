@@ -287,7 +287,33 @@ fn check(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// One line for an error chain: each cause is added unless the message above already says it
+/// (our errors include their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !out.contains(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+    }
+    out
+}
+
+fn main() -> std::process::ExitCode {
+    match dispatch() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("polypwatch: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch() -> Result<()> {
     match Cli::parse().command {
         None => run(None),
         Some(Command::Run { config }) => run(config),
