@@ -42,6 +42,18 @@ pub enum CaptureError {
         /// Why.
         source: PreprocessError,
     },
+    /// One camera buffer could not be converted; the stream goes on.
+    #[error("skipping frame {seq}: {source}")]
+    BadBuffer {
+        /// Its sequence number.
+        seq: u64,
+        /// Why.
+        source: crate::pixfmt::ConvertError,
+    },
+    /// No frame this time (camera missing, reconnecting or stalled); the source logs why and
+    /// retries, and the caller asks again.
+    #[error("waiting for the frame source")]
+    Waiting,
 }
 
 /// A stream of frames.

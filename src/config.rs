@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertConfig;
 use crate::detect::DetectConfig;
+use crate::gpio::GpioConfig;
+use crate::pixfmt::PixelFormat;
 
 /// Errors raised while reading a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -49,21 +51,41 @@ pub struct ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSection {
-    /// `replay` (a folder of images or a list file).
+    /// `replay` (a folder of images or a list file) or `v4l2` (a camera).
     pub kind: SourceKind,
     /// Replay: folder of frames (sorted by name) or a text file listing one frame path per line
     /// (relative paths: to the config file's folder).
-    pub path: PathBuf,
-    /// Replay: frames per second; 0 plays as fast as the pipeline takes them.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Frames per second: the replay's pace (0 = as fast as the pipeline takes them), or the
+    /// rate asked of the camera.
     #[serde(default = "default_fps")]
     pub fps: f64,
     /// Replay: start over at the end.
     #[serde(default)]
     pub r#loop: bool,
+    /// V4L2: the device, best its stable `/dev/v4l/by-id/...` link.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// V4L2: `mjpeg`, `yuyv`, `nv12`, `rgb24` or `bgr24`; absent: the first the device offers.
+    #[serde(default)]
+    pub format: Option<PixelFormat>,
+    /// V4L2: requested width (the driver may pick the nearest it supports; both are logged).
+    #[serde(default = "default_width")]
+    pub width: u32,
+    /// V4L2: requested height.
+    #[serde(default = "default_height")]
+    pub height: u32,
 }
 
 fn default_fps() -> f64 {
     25.0
+}
+fn default_width() -> u32 {
+    1280
+}
+fn default_height() -> u32 {
+    1024
 }
 
 /// Frame source kinds.
@@ -72,6 +94,20 @@ fn default_fps() -> f64 {
 pub enum SourceKind {
     /// Images from disk.
     Replay,
+    /// A V4L2 capture device.
+    V4l2,
+}
+
+/// `[update]`: signed model updates installed in the field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSection {
+    /// State folder holding installed models (`models/`), `incoming/` and `rejected/`.
+    pub state_dir: PathBuf,
+    /// Public keys allowed to sign models, as written by `polypwatch-train keygen`
+    /// (`ed25519:<base64>`).
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
 }
 
 /// `[events]`: where alert events go.
@@ -199,6 +235,12 @@ pub struct Config {
     /// Runtime.
     #[serde(default)]
     pub runtime: RuntimeSection,
+    /// Alert GPIO line; absent: none.
+    #[serde(default)]
+    pub gpio: Option<GpioConfig>,
+    /// Field updates; absent: the `[model]` manifest only.
+    #[serde(default)]
+    pub update: Option<UpdateSection>,
 }
 
 impl Config {
@@ -216,7 +258,12 @@ impl Config {
             }
         };
         resolve(&mut cfg.model.manifest);
-        resolve(&mut cfg.source.path);
+        if let Some(p) = &mut cfg.source.path {
+            resolve(p);
+        }
+        if let Some(u) = &mut cfg.update {
+            resolve(&mut u.state_dir);
+        }
         if let Some(f) = &mut cfg.events.file {
             resolve(f);
         }
@@ -245,6 +292,42 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         self.detect.validate()?;
         self.alert.validate()?;
+        match self.source.kind {
+            SourceKind::Replay if self.source.path.is_none() => {
+                return Err(
+                    "[source] kind = \"replay\" needs path = a folder of frames or a list file"
+                        .into(),
+                );
+            }
+            SourceKind::V4l2 if self.source.device.is_none() => {
+                return Err("[source] kind = \"v4l2\" needs device = \"/dev/v4l/by-id/...\" (ls /dev/v4l/by-id)".into());
+            }
+            SourceKind::V4l2 if !(1.0..=240.0).contains(&self.source.fps) => {
+                return Err(format!(
+                    "[source] fps = {} must be in 1..=240 for a camera",
+                    self.source.fps
+                ));
+            }
+            SourceKind::V4l2
+                if !(16..=8192).contains(&self.source.width)
+                    || !(16..=8192).contains(&self.source.height) =>
+            {
+                return Err(format!(
+                    "[source] width x height = {}x{} must be in 16..=8192",
+                    self.source.width, self.source.height
+                ));
+            }
+            _ => {}
+        }
+        if let Some(g) = &self.gpio {
+            g.validate()?;
+        }
+        if let Some(u) = &self.update {
+            for k in &u.trusted_keys {
+                crate::signing::PublicKey::parse(k)
+                    .map_err(|e| format!("[update] trusted_keys: {e}"))?;
+            }
+        }
         if !(self.source.fps >= 0.0 && self.source.fps <= 1000.0) {
             return Err(format!(
                 "[source] fps = {} must be in 0..=1000",

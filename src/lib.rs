@@ -12,17 +12,22 @@
 
 pub mod alert;
 pub mod bench;
+pub mod camera;
 pub mod capture;
 pub mod config;
 pub mod dataset;
 pub mod detect;
 pub mod evaluate;
+pub mod gpio;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod pixfmt;
 pub mod preprocess;
 pub mod service;
+pub mod signing;
 pub mod sink;
+pub mod store;
 
 /// The version of tract this build runs models with (recorded in manifests at export).
 pub const TRACT_VERSION: &str = "0.23.9";

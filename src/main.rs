@@ -78,6 +78,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Field updates: install signed models, list them, roll back.
+    Model {
+        #[command(subcommand)]
+        action: ModelCmd,
+    },
     /// Check a configuration (and the model it names) without running.
     Check {
         /// Configuration file.
@@ -87,6 +92,117 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Verify and install signed model bundles (manifest .toml, with its .sig, .onnx and
+    /// self-test files beside it) and make the last one current. The running daemon switches
+    /// on `systemctl reload polypwatch`.
+    Install {
+        /// Daemon configuration (its [update] section names the store and trusted keys).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Manifests (or their .onnx files) to install.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List installed models: current (*), previous (-), and the factory model.
+    List {
+        /// Daemon configuration.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Make the previous model current again (with none, the factory model).
+    Rollback {
+        /// Daemon configuration.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+const DEFAULT_CONFIG: &str = "/etc/polypwatch/polypwatch.toml";
+
+fn open_store(config: &Path) -> Result<(Config, polypwatch::store::Store)> {
+    let cfg = Config::load(config)?;
+    let u = cfg.update.clone().with_context(|| {
+        format!(
+            "{} has no [update] section: add state_dir and trusted_keys to enable field updates",
+            config.display()
+        )
+    })?;
+    let store = polypwatch::store::Store::open(&u)?;
+    Ok((cfg, store))
+}
+
+fn model_cmd(action: ModelCmd) -> Result<()> {
+    const RELOAD: &str = "the running daemon switches on `systemctl reload polypwatch`";
+    match action {
+        ModelCmd::Install { config, files } => {
+            let (_, store) = open_store(&config)?;
+            let mut failed = 0;
+            for f in files {
+                let manifest = if f.extension().is_some_and(|e| e == "onnx") {
+                    f.with_extension("toml")
+                } else {
+                    f.clone()
+                };
+                match store.install(&manifest) {
+                    Ok(i) => println!(
+                        "installed {}: {} signed by {}, self-test IoU {:.4}; now current",
+                        f.display(),
+                        i.label,
+                        i.key,
+                        i.selftest_iou
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!(
+                            "polypwatch: {} refused: {e} (copy kept in {})",
+                            f.display(),
+                            store.rejected().display()
+                        );
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} model(s) refused; the active model is unchanged by them");
+            }
+            println!("{RELOAD}");
+        }
+        ModelCmd::List { config } => {
+            let (cfg, store) = open_store(&config)?;
+            let entries = store.list();
+            let any_current = entries.iter().any(|e| e.current);
+            for e in &entries {
+                let mark = if e.current {
+                    '*'
+                } else if e.previous {
+                    '-'
+                } else {
+                    ' '
+                };
+                println!("{mark} {}  {}", e.label, e.dir.display());
+            }
+            println!(
+                "{} factory  {}",
+                if any_current { ' ' } else { '*' },
+                cfg.model.manifest.display()
+            );
+        }
+        ModelCmd::Rollback { config } => {
+            let (cfg, store) = open_store(&config)?;
+            match store.rollback()? {
+                Some(m) => println!("current model is now {}", m.display()),
+                None => println!(
+                    "no previous model: the factory model {} is current",
+                    cfg.model.manifest.display()
+                ),
+            }
+            println!("{RELOAD}");
+        }
+    }
+    Ok(())
 }
 
 fn load_model(path: &Path) -> Result<Segmenter> {
@@ -215,7 +331,8 @@ fn bench_cmd(
     let seg = load_model(model)?;
     let images = if images.is_empty() {
         let demo = service::demo_config()?;
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&demo.source.path)?
+        let clip = demo.source.path.context("the demo config has no clip")?;
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&clip)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
             .collect();
@@ -333,5 +450,6 @@ fn dispatch() -> Result<()> {
             json,
         }) => bench_cmd(&model, frames, threads, images, json),
         Some(Command::Check { config, model }) => check(config, model),
+        Some(Command::Model { action }) => model_cmd(action),
     }
 }

@@ -55,6 +55,16 @@ pub enum ManifestError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// The model file is shorter than the manifest says (an interrupted copy).
+    #[error("model file {path} is truncated: {actual} of {expected} bytes; copy it again")]
+    Truncated {
+        /// The model file.
+        path: PathBuf,
+        /// Bytes the manifest records.
+        expected: u64,
+        /// Bytes on disk.
+        actual: u64,
+    },
     /// The model file is not the one the manifest describes (damaged, truncated or swapped).
     #[error(
         "model file {path} has sha256 {actual} but its manifest expects {expected}: the file is damaged or does not belong to this manifest; reinstall the model"
@@ -85,6 +95,26 @@ pub struct ModelInfo {
     pub sha256: String,
     /// Numeric precision of the weights and activations: `f32` or `int8`.
     pub precision: String,
+    /// Size of the ONNX file in bytes, so a truncated copy is named as such.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+/// A frame shipped with the model and the mask the model must produce for it, checked before
+/// a field update goes live. Both files sit beside the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfTest {
+    /// Image file (PNG at the model's input size).
+    pub image: String,
+    /// Its sha256.
+    pub image_sha256: String,
+    /// Expected mask (PNG, 0 or 255).
+    pub mask: String,
+    /// Its sha256.
+    pub mask_sha256: String,
+    /// Smallest IoU between the expected mask and the model's that passes.
+    pub min_iou: f64,
 }
 
 /// Layout of the model input.
@@ -142,6 +172,9 @@ pub struct Manifest {
     pub output: OutputInfo,
     /// Where the model came from.
     pub provenance: Provenance,
+    /// Self-test frame for field updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selftest: Option<SelfTest>,
     /// Measured metrics per set (`train`, `validation`, `test`), if evaluated.
     #[serde(default)]
     pub metrics: BTreeMap<String, SetScores>,
@@ -259,12 +292,24 @@ impl Manifest {
                 self.model.precision
             )));
         }
-        let onnx = Path::new(&self.model.onnx);
-        if onnx.is_absolute() || onnx.components().count() != 1 {
-            return Err(bad(format!(
-                "[model] onnx = {:?} must be a file name in the manifest's folder",
-                self.model.onnx
-            )));
+        let mut files = vec![("[model] onnx", &self.model.onnx)];
+        if let Some(t) = &self.selftest {
+            files.push(("[selftest] image", &t.image));
+            files.push(("[selftest] mask", &t.mask));
+            if !(t.min_iou > 0.0 && t.min_iou <= 1.0) {
+                return Err(bad(format!(
+                    "[selftest] min_iou = {} must be in (0, 1]",
+                    t.min_iou
+                )));
+            }
+        }
+        for (key, name) in files {
+            let p = Path::new(name);
+            if p.is_absolute() || p.components().count() != 1 || name.starts_with('.') {
+                return Err(bad(format!(
+                    "{key} = {name:?} must be a file name in the manifest's folder"
+                )));
+            }
         }
         Ok(())
     }
@@ -280,6 +325,21 @@ impl Manifest {
     /// Checks the model file's sha256 against the manifest.
     pub fn verify_sha256(&self, manifest_path: &Path) -> Result<PathBuf, ManifestError> {
         let onnx = self.onnx_path(manifest_path);
+        if let Some(expected) = self.model.bytes {
+            let actual = std::fs::metadata(&onnx)
+                .map_err(|source| ManifestError::Io {
+                    path: onnx.clone(),
+                    source,
+                })?
+                .len();
+            if actual < expected {
+                return Err(ManifestError::Truncated {
+                    path: onnx,
+                    expected,
+                    actual,
+                });
+            }
+        }
         let actual = sha256_file(&onnx)?;
         if !actual.eq_ignore_ascii_case(&self.model.sha256) {
             return Err(ManifestError::Sha256Mismatch {
@@ -315,6 +375,7 @@ mod tests {
                 onnx: "m.onnx".into(),
                 sha256: "0".repeat(64),
                 precision: "f32".into(),
+                bytes: None,
             },
             input: InputInfo {
                 channel_order: "RGB".into(),
@@ -326,6 +387,7 @@ mod tests {
                 threshold: 0.5,
             },
             provenance: Provenance::default(),
+            selftest: None,
             metrics: BTreeMap::new(),
         }
     }

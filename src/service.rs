@@ -8,11 +8,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::alert::{AlertEvent, AlertMachine, Transition};
+use crate::camera::{Camera, CameraConfig};
 use crate::capture::{CaptureError, Frame, FrameSource, Replay};
 use crate::config::{Config, ConfigError, SourceKind};
 use crate::detect::{Detection, Detector};
+use crate::gpio::GpioError;
 use crate::model::{ModelError, Segmenter};
 use crate::sink::{Event, EventStream, Snapshots, overlay};
+use crate::store::{InstallError, Store};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,12 @@ pub enum ServiceError {
     /// The frame source could not be opened.
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// The GPIO line is required and cannot be had.
+    #[error("{0} ([gpio] required = true)")]
+    Gpio(#[from] GpioError),
+    /// The model store cannot be used, or its current model fails verification on reload.
+    #[error(transparent)]
+    Store(#[from] InstallError),
 }
 
 /// Flags set by signal handlers and read by the loop.
@@ -78,10 +87,18 @@ struct Handoff {
 pub fn open_source(cfg: &Config) -> Result<Box<dyn FrameSource>, ServiceError> {
     match cfg.source.kind {
         SourceKind::Replay => Ok(Box::new(Replay::open(
-            &cfg.source.path,
+            cfg.source.path.as_deref().unwrap_or(Path::new("")),
             cfg.source.fps,
             cfg.source.r#loop,
         )?)),
+        SourceKind::V4l2 => Ok(Box::new(Camera::new(CameraConfig {
+            device: cfg.source.device.clone().unwrap_or_default(),
+            format: cfg.source.format,
+            width: cfg.source.width,
+            height: cfg.source.height,
+            fps: cfg.source.fps.round() as u32,
+            stall: Duration::from_secs_f64(cfg.runtime.stall_secs),
+        }))),
     }
 }
 
@@ -112,7 +129,8 @@ fn capture_loop(mut src: Box<dyn FrameSource>, hand: Arc<Handoff>, stop: Arc<Ato
                 hand.ready.notify_all();
                 return;
             }
-            Err(e @ CaptureError::BadFrame { .. }) => {
+            Err(CaptureError::Waiting) => {}
+            Err(e @ (CaptureError::BadFrame { .. } | CaptureError::BadBuffer { .. })) => {
                 slot.bad += 1;
                 log::warn!("{e}");
             }
@@ -136,9 +154,37 @@ struct Engine {
     snapshots: Option<Snapshots>,
 }
 
+/// The model to serve: the store's current model if one is installed and passes verification,
+/// else the factory model of `[model] manifest`. `strict` (a reload): a current model that fails
+/// is an error, so the running model keeps serving instead of falling back.
+fn load_model(cfg: &Config, strict: bool) -> Result<Segmenter, ServiceError> {
+    if let Some(u) = &cfg.update {
+        let store = Store::open(u)?;
+        if let Some(current) = store.current() {
+            match crate::store::verify(&current, store.keys()) {
+                Ok(v) => {
+                    log::info!(
+                        "installed model {} signed by {}, self-test IoU {:.4}",
+                        current.display(),
+                        v.key.id(),
+                        v.selftest_iou
+                    );
+                    return Ok(v.segmenter);
+                }
+                Err(e) if strict => return Err(e.into()),
+                Err(e) => log::error!(
+                    "installed model {} fails verification ({e}); serving the factory model (`polypwatch model rollback` or install another)",
+                    current.display()
+                ),
+            }
+        }
+    }
+    Ok(Segmenter::load(&cfg.model.manifest)?)
+}
+
 impl Engine {
-    fn new(cfg: Config) -> Result<Self, ServiceError> {
-        let seg = Segmenter::load(&cfg.model.manifest)?;
+    fn new(cfg: Config, strict: bool) -> Result<Self, ServiceError> {
+        let seg = load_model(&cfg, strict)?;
         let detector = Detector::new(cfg.detect.clone(), seg.manifest().output.threshold);
         let events = EventStream::open(&cfg.events);
         let snapshots = cfg
@@ -252,7 +298,11 @@ pub fn run(
     cfg: Config,
     control: &Control,
 ) -> Result<Summary, ServiceError> {
-    let mut engine = Engine::new(cfg)?;
+    let gpio = match &cfg.gpio {
+        Some(g) => crate::gpio::open(g)?,
+        None => None,
+    };
+    let mut engine = Engine::new(cfg, false)?;
     let source = open_source(&engine.cfg)?;
     log::info!(
         "model {} from {}",
@@ -330,9 +380,17 @@ pub fn run(
                     ) {
                         Transition::Raised(a) => {
                             summary.alerts += 1;
+                            if let Some(g) = &gpio {
+                                g.raise();
+                            }
                             alert_start(&mut engine, &a, &frame, &p);
                         }
-                        Transition::Cleared(a) => alert_end(&mut engine, &a, &frame),
+                        Transition::Cleared(a) => {
+                            if let Some(g) = &gpio {
+                                g.clear();
+                            }
+                            alert_end(&mut engine, &a, &frame)
+                        }
                         Transition::None => {}
                     }
                     if !ready {
@@ -386,6 +444,8 @@ pub fn run(
     }
 
     notify(&[sd_notify::NotifyState::Stopping]);
+    // Dropping the line's thread drives it inactive.
+    drop(gpio);
     cap_stop.store(true, Ordering::Relaxed);
     if let (Some(a), Some(f)) = (alerts.active().cloned(), &last_frame) {
         // Close the open alert so every start has an end in the stream.
@@ -406,7 +466,51 @@ pub fn run(
     Ok(summary)
 }
 
+/// Installs the bundles waiting in the store's incoming folder, with an event for each.
+fn install_incoming(engine: &mut Engine) {
+    let Some(u) = &engine.cfg.update else { return };
+    let store = match Store::open(u) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            return;
+        }
+    };
+    for (file, result) in store.install_incoming() {
+        let file = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match result {
+            Ok(i) => {
+                log::info!(
+                    "installed {file}: {} signed by {}, self-test IoU {:.4}",
+                    i.label,
+                    i.key,
+                    i.selftest_iou
+                );
+                engine.events.emit(&Event::ModelInstalled {
+                    file,
+                    model: i.label,
+                    key: i.key,
+                });
+            }
+            Err(e) => {
+                log::error!(
+                    "model update {file} rejected, moved to {}: {e}",
+                    store.rejected().display()
+                );
+                engine.events.emit(&Event::ModelRejected {
+                    file,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
 fn reload(config_path: Option<&Path>, engine: &mut Engine, alerts: &mut AlertMachine) {
+    install_incoming(engine);
     let cfg = match config_path {
         Some(p) => Config::load(p),
         None => Ok(engine.cfg.clone()),
@@ -415,7 +519,10 @@ fn reload(config_path: Option<&Path>, engine: &mut Engine, alerts: &mut AlertMac
         if cfg.source != engine.cfg.source {
             log::warn!("[source] changes take effect on restart");
         }
-        Engine::new(cfg)
+        if cfg.gpio != engine.cfg.gpio {
+            log::warn!("[gpio] changes take effect on restart");
+        }
+        Engine::new(cfg, true)
     });
     match result {
         Ok(new) => {

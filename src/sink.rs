@@ -126,6 +126,22 @@ pub enum Event {
         /// The model now in use.
         model: String,
     },
+    /// A model bundle from the incoming folder was verified and made current.
+    ModelInstalled {
+        /// Its manifest's name.
+        file: String,
+        /// `name version (precision)`.
+        model: String,
+        /// Fingerprint of the signing key.
+        key: String,
+    },
+    /// A model bundle was refused and moved to the rejected folder.
+    ModelRejected {
+        /// Its manifest's name.
+        file: String,
+        /// Why.
+        reason: String,
+    },
     /// A reload was refused; the previous configuration and model keep serving.
     ReloadRejected {
         /// Why.

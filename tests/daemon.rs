@@ -300,3 +300,126 @@ fn a_bad_reload_is_rejected_and_the_old_model_keeps_serving() {
     let (stopped, _) = d.wait_for("stopped", Duration::from_secs(1));
     assert!(stopped["frames"].as_u64().unwrap() > 0);
 }
+
+mod common;
+
+fn with_section(cfg: &Path, section: &str) {
+    let mut text = std::fs::read_to_string(cfg).unwrap();
+    text.push_str(section);
+    std::fs::write(cfg, text).unwrap();
+}
+
+#[test]
+fn field_updates_on_sighup_reject_bad_bundles_and_switch_to_good_ones() {
+    use polypwatch::signing::SecretKey;
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate().unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(dir.path(), &tiny(), &root().join("demo/clip"), 20.0, true);
+    with_section(
+        &cfg,
+        &format!(
+            "\n[update]\nstate_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+            state.display(),
+            key.public()
+        ),
+    );
+    let mut d = start(&cfg);
+    d.wait_for("ready", Duration::from_secs(30));
+
+    // A tampered bundle: refused, moved aside, the factory model keeps serving.
+    let incoming = state.join("incoming");
+    common::bundle(&incoming, "7.0.0", Some(&key), |_, dir| {
+        let p = dir.join("tiny-f32.onnx");
+        let mut b = std::fs::read(&p).unwrap();
+        b[100] ^= 0x01;
+        std::fs::write(&p, b).unwrap();
+    });
+    d.signal("-HUP");
+    let (rej, _) = d.wait_for("model_rejected", Duration::from_secs(20));
+    assert!(rej["reason"].as_str().unwrap().contains("sha256"), "{rej}");
+    let (reloaded, _) = d.wait_for("reloaded", Duration::from_secs(20));
+    assert!(
+        !reloaded["model"].as_str().unwrap().contains("7.0.0"),
+        "{reloaded}"
+    );
+    assert_eq!(
+        std::fs::read_dir(state.join("rejected")).unwrap().count(),
+        1
+    );
+
+    // A good one: installed and serving after the same reload.
+    common::bundle(&incoming, "8.0.0", Some(&key), |_, _| {});
+    d.signal("-HUP");
+    let (inst, _) = d.wait_for("model_installed", Duration::from_secs(20));
+    assert!(inst["model"].as_str().unwrap().contains("8.0.0"), "{inst}");
+    let (reloaded, _) = d.wait_for("reloaded", Duration::from_secs(20));
+    assert!(
+        reloaded["model"].as_str().unwrap().contains("8.0.0"),
+        "{reloaded}"
+    );
+    assert!(d.child.try_wait().unwrap().is_none());
+    d.signal("-TERM");
+    assert!(d.exit_within(Duration::from_secs(3)).success());
+    let (stopped, _) = d.wait_for("stopped", Duration::from_secs(1));
+    assert!(stopped["frames"].as_u64().unwrap() > 0);
+}
+
+fn gpio_config(dir: &Path, required: bool) -> PathBuf {
+    let cfg = config(dir, &tiny(), &root().join("demo/clip"), 0.0, false);
+    with_section(
+        &cfg,
+        &format!(
+            "\n[gpio]\nchip = \"/dev/gpiochip-polypwatch-missing\"\nline = 5\nrequired = {required}\n"
+        ),
+    );
+    cfg
+}
+
+#[test]
+fn a_missing_gpio_chip_stops_the_daemon_only_when_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+        .args(["run", "--config"])
+        .arg(gpio_config(dir.path(), true))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gpiochip-polypwatch-missing") && err.contains("required = true"),
+        "{err}"
+    );
+
+    let mut d = start(&gpio_config(dir.path(), false));
+    let (stopped, _) = d.wait_for("stopped", Duration::from_secs(60));
+    assert!(d.exit_within(Duration::from_secs(5)).success());
+    assert!(stopped["frames"].as_u64().unwrap() > 0);
+    let err = d.stderr.lock().unwrap().clone();
+    assert!(err.contains("journal alerts only"), "{err}");
+}
+
+#[test]
+fn a_missing_camera_is_waited_for_and_sigterm_still_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cam.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[model]\nmanifest = \"{}\"\n[source]\nkind = \"v4l2\"\ndevice = \"/dev/v4l/by-id/polypwatch-test-missing\"\nformat = \"yuyv\"\nfps = 30\n[events]\njournald = \"off\"\n",
+            tiny().display()
+        ),
+    )
+    .unwrap();
+    let mut d = start(&p);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "exited without a camera"
+    );
+    d.signal("-TERM");
+    assert!(d.exit_within(Duration::from_secs(2)).success());
+    let err = d.stderr.lock().unwrap().clone();
+    // Several retries in 3 s, one log line.
+    assert_eq!(err.matches("no such device").count(), 1, "{err}");
+}

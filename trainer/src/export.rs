@@ -118,6 +118,9 @@ pub fn verify(
     })
 }
 
+/// Smallest self-test mask IoU a device accepts (tract's kernels differ slightly by CPU).
+pub const SELFTEST_MIN_IOU: f64 = 0.98;
+
 /// Exports the run's model to ONNX f32 with its manifest, verified through tract.
 pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let run = RunDir(opts.run.clone());
@@ -148,6 +151,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             onnx: onnx_name,
             sha256: sha256_file(&onnx_path)?,
             precision: "f32".into(),
+            bytes: Some(std::fs::metadata(&onnx_path)?.len()),
         },
         input: InputInfo {
             channel_order: "RGB".into(),
@@ -181,6 +185,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
                 .collect::<Vec<_>>()
                 .join(" ; "),
         },
+        selftest: None,
         metrics: BTreeMap::new(),
     };
 
@@ -251,6 +256,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         let mut m = manifest.clone();
         m.model.onnx = name;
         m.model.sha256 = sha256_file(&path)?;
+        m.model.bytes = Some(std::fs::metadata(&path)?.len());
         m.model.precision = "int8".into();
         let mp = opts.out.join(format!("{}-int8.toml", opts.name));
         m.save(&mp)?;
@@ -280,8 +286,12 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         }
     }
     manifest.save(&f32_manifest)?;
+    // The self-test frame a device runs before it accepts this model as a field update.
+    let frame = &items[0].image;
+    polypwatch::store::attach_selftest(&f32_manifest, frame, SELFTEST_MIN_IOU)?;
     if let Some((m, mp, _)) = int8 {
         m.save(&mp)?;
+        polypwatch::store::attach_selftest(&mp, frame, SELFTEST_MIN_IOU)?;
         report.int8_manifest = Some(mp);
     }
     Ok(report)

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use polypwatch_train::eval;
 use polypwatch_train::export::{self, ExportOptions};
@@ -97,6 +97,34 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         calib_images: usize,
     },
+    /// Create an ed25519 key pair for signing models: FILE (secret) and FILE.pub.
+    Keygen {
+        /// Secret key file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign model manifests: writes MANIFEST.sig beside each.
+    Sign {
+        /// Secret key file from keygen.
+        #[arg(long)]
+        key: PathBuf,
+        /// Manifests to sign.
+        #[arg(required = true)]
+        manifests: Vec<PathBuf>,
+    },
+    /// Add (or replace) a manifest's self-test frame: the model's mask for IMAGE, which a
+    /// device must reproduce before accepting the model. Sign afterwards.
+    Selftest {
+        /// The manifest.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Image to use (any size; resized to the model's input).
+        #[arg(long)]
+        image: PathBuf,
+        /// Smallest IoU the device accepts.
+        #[arg(long, default_value_t = export::SELFTEST_MIN_IOU)]
+        min_iou: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -188,6 +216,77 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::Keygen { out } => {
+            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+            for p in [&out, &pub_path] {
+                if p.exists() {
+                    bail!("{} exists; keygen never overwrites a key", p.display());
+                }
+            }
+            let key = polypwatch::signing::SecretKey::generate()?;
+            write_private(&out, &key.to_text())?;
+            std::fs::write(&pub_path, format!("{}\n", key.public()))
+                .with_context(|| format!("writing {}", pub_path.display()))?;
+            println!(
+                "secret key {} (keep it off the devices), public key {}:\n{}",
+                out.display(),
+                pub_path.display(),
+                key.public()
+            );
+            println!("add the public key to [update] trusted_keys in the device's config");
+        }
+        Command::Sign { key, manifests } => {
+            let text = std::fs::read_to_string(&key)
+                .with_context(|| format!("reading key {}", key.display()))?;
+            let key = polypwatch::signing::SecretKey::parse(&text)?;
+            for m in manifests {
+                // Refuse to sign what the device would refuse to load.
+                let manifest = polypwatch::manifest::Manifest::load(&m)?;
+                manifest.verify_sha256(&m)?;
+                if manifest.selftest.is_none() {
+                    bail!(
+                        "{} has no [selftest]: run `polypwatch-train selftest` first",
+                        m.display()
+                    );
+                }
+                let bytes = std::fs::read(&m)?;
+                let sig = PathBuf::from(format!("{}.sig", m.display()));
+                std::fs::write(&sig, key.sign(&bytes).to_text())
+                    .with_context(|| format!("writing {}", sig.display()))?;
+                println!(
+                    "signed {} with {} -> {}",
+                    m.display(),
+                    key.public().id(),
+                    sig.display()
+                );
+            }
+        }
+        Command::Selftest {
+            manifest,
+            image,
+            min_iou,
+        } => {
+            let img = polypwatch::preprocess::load_rgb(&image)?;
+            let iou = polypwatch::store::attach_selftest(&manifest, &img, min_iou)?;
+            println!(
+                "self-test added to {} (re-run IoU {iou:.4}); sign it again",
+                manifest.display()
+            );
+        }
     }
+    Ok(())
+}
+
+/// Writes a secret file readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
     Ok(())
 }
