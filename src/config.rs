@@ -371,6 +371,14 @@ mod tests {
     }
 
     #[test]
+    fn the_board_config_parses() {
+        let text = include_str!("../systemd/polypwatch.toml");
+        let cfg = Config::parse(text, Path::new("polypwatch.toml")).unwrap();
+        assert_eq!(cfg.source.kind, SourceKind::V4l2);
+        assert!(cfg.update.is_some());
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_line() {
         let text = EXAMPLE.replace("[alert]", "[alert]\nraise_after = 3");
         let err = Config::parse(&text, Path::new("x.toml"))

@@ -325,6 +325,13 @@ pub fn run(
             .expect("spawn capture thread")
     };
 
+    // Ready once the model is loaded and capture runs, not at the first frame: a camera that
+    // is missing at boot must not fail the start; the watchdog covers a pipeline with no frames.
+    let waiting = format!("model loaded, waiting for frames from {source_desc}");
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&waiting),
+    ]);
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let stall = Duration::from_secs_f64(engine.cfg.runtime.stall_secs);
     let mut alerts = AlertMachine::new(engine.cfg.alert.clone());
@@ -337,10 +344,26 @@ pub fn run(
     let mut window_latency = 0.0f64;
     let mut last_frame: Option<Frame> = None;
     let mut stalled = false;
+    let mut pending: Option<std::thread::JoinHandle<Prepared>> = None;
 
     loop {
-        if control.reload.swap(false, Ordering::Relaxed) {
-            reload(config_path, &mut engine, &mut alerts);
+        // A reload is prepared on its own thread; a SIGHUP during one waits for it.
+        if pending.is_none() && control.reload.swap(false, Ordering::Relaxed) {
+            let (path, old) = (config_path.map(Path::to_path_buf), engine.cfg.clone());
+            pending = std::thread::Builder::new()
+                .name("reload".into())
+                .spawn(move || prepare_reload(path, old))
+                .map_err(|e| log::error!("cannot start the reload: {e}"))
+                .ok();
+        }
+        if pending.as_ref().is_some_and(|h| h.is_finished()) {
+            match pending.take().map(|h| h.join()) {
+                Some(Ok(prepared)) => apply_reload(prepared, &mut engine, &mut alerts),
+                _ => log::error!(
+                    "the reload failed unexpectedly; still serving {}",
+                    engine.model_label()
+                ),
+            }
         }
         let (frame, ended) = {
             let mut slot = hand.slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -399,7 +422,6 @@ pub fn run(
                             model: engine.model_label(),
                             source: source_desc.clone(),
                         });
-                        notify(&[sd_notify::NotifyState::Ready]);
                         log::info!("ready: first frame processed in {:.1} ms", p.latency_ms);
                     }
                 }
@@ -466,21 +488,52 @@ pub fn run(
     Ok(summary)
 }
 
-/// Installs the bundles waiting in the store's incoming folder, with an event for each.
-fn install_incoming(engine: &mut Engine) {
-    let Some(u) = &engine.cfg.update else { return };
-    let store = match Store::open(u) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("{e}");
-            return;
+/// What a reload prepared off the processing thread: the outcome of each incoming bundle and
+/// the new engine (or why there is none).
+struct Prepared {
+    installs: Vec<(String, Result<crate::store::Installed, String>)>,
+    engine: Result<Engine, ServiceError>,
+}
+
+/// Installs the bundles waiting in the store's incoming folder, re-reads the configuration and
+/// loads the model. Runs on its own thread so frames keep flowing through the old engine.
+fn prepare_reload(config_path: Option<PathBuf>, old: Config) -> Prepared {
+    let mut installs = Vec::new();
+    if let Some(u) = &old.update {
+        match Store::open(u) {
+            Ok(store) => {
+                for (file, result) in store.install_incoming() {
+                    let file = file
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let result = result
+                        .map_err(|e| format!("{e} (moved to {})", store.rejected().display()));
+                    installs.push((file, result));
+                }
+            }
+            Err(e) => log::error!("{e}"),
         }
+    }
+    let cfg = match &config_path {
+        Some(p) => Config::load(p),
+        None => Ok(old.clone()),
     };
-    for (file, result) in store.install_incoming() {
-        let file = file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    let engine = cfg.map_err(ServiceError::from).and_then(|cfg| {
+        if cfg.source != old.source {
+            log::warn!("[source] changes take effect on restart");
+        }
+        if cfg.gpio != old.gpio {
+            log::warn!("[gpio] changes take effect on restart");
+        }
+        Engine::new(cfg, true)
+    });
+    Prepared { installs, engine }
+}
+
+/// Swaps in a prepared engine between two frames, or reports why not.
+fn apply_reload(p: Prepared, engine: &mut Engine, alerts: &mut AlertMachine) {
+    for (file, result) in p.installs {
         match result {
             Ok(i) => {
                 log::info!(
@@ -495,36 +548,13 @@ fn install_incoming(engine: &mut Engine) {
                     key: i.key,
                 });
             }
-            Err(e) => {
-                log::error!(
-                    "model update {file} rejected, moved to {}: {e}",
-                    store.rejected().display()
-                );
-                engine.events.emit(&Event::ModelRejected {
-                    file,
-                    reason: e.to_string(),
-                });
+            Err(reason) => {
+                log::error!("model update {file} rejected: {reason}");
+                engine.events.emit(&Event::ModelRejected { file, reason });
             }
         }
     }
-}
-
-fn reload(config_path: Option<&Path>, engine: &mut Engine, alerts: &mut AlertMachine) {
-    install_incoming(engine);
-    let cfg = match config_path {
-        Some(p) => Config::load(p),
-        None => Ok(engine.cfg.clone()),
-    };
-    let result = cfg.map_err(ServiceError::from).and_then(|cfg| {
-        if cfg.source != engine.cfg.source {
-            log::warn!("[source] changes take effect on restart");
-        }
-        if cfg.gpio != engine.cfg.gpio {
-            log::warn!("[gpio] changes take effect on restart");
-        }
-        Engine::new(cfg, true)
-    });
-    match result {
+    match p.engine {
         Ok(new) => {
             alerts.reconfigure(new.cfg.alert.clone());
             let label = new.model_label();
