@@ -3,7 +3,7 @@
 # int8, 1 and 2 threads: per-frame inference latency p50/p95, ratio to ONNX Runtime, FLOPs and
 # GFLOP/s. ONNX Runtime's int8 is its own static QDQ quantization of the same f32 model.
 #   bash bench/compare.sh [F32_MANIFEST]     (default models/polypwatch-edge-f32.toml)
-# Installs onnxruntime, onnx, numpy and pillow from PyPI into target/bench-venv on first use.
+# Installs onnxruntime, onnx, numpy, pillow and sympy from PyPI into target/bench-venv on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 m32=${1:-models/polypwatch-edge-f32.toml}
@@ -12,7 +12,7 @@ runs=${RUNS:-100}
 venv=target/bench-venv
 if [ ! -x $venv/bin/python ]; then
   python3 -m venv $venv
-  $venv/bin/pip install -q onnxruntime onnx numpy pillow
+  $venv/bin/pip install -q onnxruntime onnx numpy pillow sympy
 fi
 cargo build --release -p polypwatch -q
 onnx=$(dirname "$m32")/$(sed -n 's/^onnx = "\(.*\)"/\1/p' "$m32")
