@@ -194,6 +194,13 @@ pub struct RuntimeSection {
     /// Interval between STATUS= updates to systemd, in seconds.
     #[serde(default = "default_status")]
     pub status_secs: f64,
+    /// Threads tract may use for one inference (read at start; a reload keeps the old value).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+}
+
+fn default_threads() -> usize {
+    1
 }
 
 fn default_stall() -> f64 {
@@ -208,6 +215,7 @@ impl Default for RuntimeSection {
         RuntimeSection {
             stall_secs: default_stall(),
             status_secs: default_status(),
+            threads: default_threads(),
         }
     }
 }
@@ -352,6 +360,12 @@ impl Config {
                 self.runtime.status_secs
             ));
         }
+        if !(1..=64).contains(&self.runtime.threads) {
+            return Err(format!(
+                "[runtime] threads = {} must be in 1..=64",
+                self.runtime.threads
+            ));
+        }
         if self.snapshots.quota_mib == 0 {
             return Err("[snapshots] quota_mib must be at least 1 (remove dir to disable)".into());
         }
@@ -396,6 +410,11 @@ mod tests {
         assert!(err.contains("raise_n"), "{err}");
         let text = EXAMPLE.replace("level = \"info\"", "level = \"loud\"");
         assert!(Config::parse(&text, Path::new("x.toml")).is_err());
+        let text = EXAMPLE.replace("threads = 1", "threads = 0");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("threads"), "{err}");
     }
 
     #[test]

@@ -302,6 +302,7 @@ pub fn run(
         Some(g) => crate::gpio::open(g)?,
         None => None,
     };
+    crate::bench::set_threads(cfg.runtime.threads);
     let mut engine = Engine::new(cfg, false)?;
     let source = open_source(&engine.cfg)?;
     log::info!(
@@ -525,6 +526,9 @@ fn prepare_reload(config_path: Option<PathBuf>, old: Config) -> Prepared {
         }
         if cfg.gpio != old.gpio {
             log::warn!("[gpio] changes take effect on restart");
+        }
+        if cfg.runtime.threads != old.runtime.threads {
+            log::warn!("[runtime] threads changes take effect on restart");
         }
         Engine::new(cfg, true)
     });
