@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accel;
 pub mod alert;
 pub mod bench;
 pub mod camera;

@@ -112,6 +112,13 @@ pub fn load_checked(onnx: &Path, manifest: &Manifest) -> Result<TypedModel, Mode
     Ok(model)
 }
 
+/// tract's optimisation followed by our own rewrites (see [`crate::accel`]), made runnable.
+pub fn optimize(model: TypedModel) -> TractResult<Plan> {
+    let mut model = model.into_optimized()?;
+    crate::accel::rewrite(&mut model)?;
+    model.into_runnable()
+}
+
 impl Segmenter {
     /// Loads the manifest at `manifest_path`, checks the model file's sha256 and shapes, and
     /// optimises it for this CPU.
@@ -119,10 +126,7 @@ impl Segmenter {
         let manifest = Manifest::load(manifest_path)?;
         let onnx_path = manifest.verify_sha256(manifest_path)?;
         let model = load_checked(&onnx_path, &manifest)?;
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(tract_err(&onnx_path))?;
+        let plan = optimize(model).map_err(tract_err(&onnx_path))?;
         Ok(Segmenter {
             manifest,
             onnx_path,
@@ -133,6 +137,11 @@ impl Segmenter {
     /// The manifest the model was loaded with.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The optimised tract plan, for profiling.
+    pub fn plan(&self) -> &Arc<TypedRunnableModel> {
+        &self.plan
     }
 
     /// The ONNX file in use.

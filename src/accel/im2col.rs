@@ -1,0 +1,614 @@
+//! A faster im2col for tract's quantized convolutions.
+//!
+//! tract lowers an int8 convolution into `Im2col` (gather every kernel tap of every output pixel
+//! into the matrix-product kernel's packed layout) followed by its int8 matrix product. On our
+//! model tract's `Im2col` took half of the frame: it feeds its packers one value at a time
+//! through a generic writer. [`PackedIm2Col`] writes the same bytes straight into the packed
+//! panels, a whole panel of output pixels per kernel tap, and [`super::rewrite`] swaps it in for
+//! tract's op in an optimised model. The matrix product that reads the panels is tract's own.
+//!
+//! Only the two layouts tract's kernels use for these convolutions are written
+//! ([`PackedFormat`]: `k * r + lane` per panel; [`PackedI8K4`]: four taps per lane, for the
+//! VNNI / dot-product kernels); any other `Im2col` is left to tract. The unit tests check every
+//! byte against tract's own packers and the model tests against tract's `Im2col`.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::PoolSpec;
+use tract_onnx::tract_core::ops::cnn::conv::Im2Col;
+use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_onnx::tract_core::tract_linalg::mmm::{
+    EagerPackedInput, MMMInputFormat, PackedExoticFact, PackedMatrixStorage,
+};
+use tract_onnx::tract_core::tract_linalg::pack::{PackedFormat, PackedI8K4};
+
+/// The packed layout [`PackedIm2Col`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Layout {
+    /// `PackedFormat`: panel of `r` pixels, tap-major (`k * r + lane`), panels `panel_len`
+    /// elements apart.
+    KMajor { r: usize, panel_len: usize },
+    /// `PackedI8K4`: panel of `r` pixels, groups of four taps per lane
+    /// (`(k / 4) * 4r + 4 lane + k % 4`), taps padded to a multiple of 4 with zeros.
+    K4 { r: usize },
+}
+
+impl Layout {
+    fn of(format: &dyn MMMInputFormat, dt: DatumType, k: usize) -> Option<Layout> {
+        if let Some(pf) = format.downcast_ref::<PackedFormat>() {
+            (pf.dt.size_of() == dt.size_of()).then(|| Layout::KMajor {
+                r: pf.r,
+                panel_len: pf.single_panel_len(k),
+            })
+        } else if let Some(p4) = format.downcast_ref::<PackedI8K4>() {
+            (dt.size_of() == 1).then_some(Layout::K4 { r: p4.r })
+        } else {
+            None
+        }
+    }
+
+    fn r(&self) -> usize {
+        match *self {
+            Layout::KMajor { r, .. } | Layout::K4 { r } => r,
+        }
+    }
+
+    fn panel_len(&self, k: usize) -> usize {
+        match *self {
+            Layout::KMajor { panel_len, .. } => panel_len,
+            Layout::K4 { r } => k.div_ceil(4) * 4 * r,
+        }
+    }
+
+    fn alignment(&self, format: &dyn MMMInputFormat) -> usize {
+        if let Some(pf) = format.downcast_ref::<PackedFormat>() {
+            pf.alignment()
+        } else if let Some(p4) = format.downcast_ref::<PackedI8K4>() {
+            p4.alignment()
+        } else {
+            64
+        }
+    }
+}
+
+/// Convolution geometry of one 2-D, single-group im2col on a concrete input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Geometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    sy: usize,
+    sx: usize,
+    dy: usize,
+    dx: usize,
+    pad_top: isize,
+    pad_left: isize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn new(spec: &PoolSpec, shape: &[usize]) -> TractResult<Geometry> {
+        let (c, h, w) = match (spec.data_format, shape) {
+            (DataFormat::NCHW, [1, c, h, w]) | (DataFormat::CHW, [c, h, w]) => (*c, *h, *w),
+            _ => bail!(
+                "PackedIm2Col: unsupported input {:?} {shape:?}",
+                spec.data_format
+            ),
+        };
+        ensure!(
+            spec.kernel_shape.len() == 2,
+            "PackedIm2Col: 2-D kernels only"
+        );
+        let pads = spec.computed_padding(&[h, w]);
+        let (strides, dilations) = (spec.strides(), spec.dilations());
+        Ok(Geometry {
+            c,
+            h,
+            w,
+            kh: spec.kernel_shape[0],
+            kw: spec.kernel_shape[1],
+            sy: strides[0],
+            sx: strides[1],
+            dy: dilations[0],
+            dx: dilations[1],
+            pad_top: pads[0].pad_before as isize,
+            pad_left: pads[1].pad_before as isize,
+            oh: pads[0].convoluted,
+            ow: pads[1].convoluted,
+        })
+    }
+
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    fn n(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// The input with its padding made explicit, so that every tap of every pixel reads inside
+    /// it: `(channels, padded height, padded width)` plus the buffer.
+    fn padded<T: Copy>(&self, input: &[T], pad: T) -> (usize, usize, Vec<T>) {
+        let hp = (self.oh - 1) * self.sy + (self.kh - 1) * self.dy + 1;
+        let wp = (self.ow - 1) * self.sx + (self.kw - 1) * self.dx + 1;
+        let (pt, pl) = (self.pad_top, self.pad_left);
+        let mut out = vec![pad; self.c * hp * wp];
+        for c in 0..self.c {
+            for yp in 0..hp {
+                let y = yp as isize - pt;
+                if y < 0 || y >= self.h as isize {
+                    continue;
+                }
+                // Columns of the padded row that come from the image.
+                let x_lo = pl.max(0) as usize;
+                let x_hi = ((self.w as isize + pl).min(wp as isize)).max(x_lo as isize) as usize;
+                let src0 = (c * self.h + y as usize) * self.w + (x_lo as isize - pl) as usize;
+                let dst0 = (c * hp + yp) * wp;
+                out[dst0 + x_lo..dst0 + x_hi].copy_from_slice(&input[src0..src0 + x_hi - x_lo]);
+            }
+        }
+        (hp, wp, out)
+    }
+
+    /// The `K4` layout when panels never straddle two output rows (the width is a multiple of
+    /// `r`): for each output row and group of four taps, the four input rows the taps read are
+    /// interleaved into every panel of the row at once.
+    fn write_k4_rows<T: Copy + Default>(
+        &self,
+        src: &[T],
+        wp: usize,
+        taps: &[usize],
+        r: usize,
+        panel_len: usize,
+        out: &mut [T],
+    ) {
+        let per_row = self.ow / r;
+        let sx = self.sx;
+        for (oy, row) in out.chunks_mut(per_row * panel_len).enumerate() {
+            let base = oy * self.sy * wp;
+            for (g, group) in taps.chunks(4).enumerate() {
+                let mut at = [usize::MAX; 4];
+                for (a, &off) in at.iter_mut().zip(group) {
+                    *a = base + off;
+                }
+                for q in 0..per_row {
+                    let dst = &mut row[q * panel_len + g * 4 * r..][..4 * r];
+                    let a = at.map(|a| a.wrapping_add(q * r * sx));
+                    match (group.len(), sx, r, bytes(src), bytes_mut(dst)) {
+                        (4, 1, 8, Some(s), Some(d)) => interleave4x8(s, a, d),
+                        (4, 1, 16, Some(s), Some(d)) => {
+                            interleave4x8(s, a, &mut d[..32]);
+                            interleave4x8(s, a.map(|a| a + 8), &mut d[32..]);
+                        }
+                        _ => {
+                            for (l, quad) in dst.chunks_exact_mut(4).enumerate() {
+                                for (j, v) in quad.iter_mut().enumerate() {
+                                    *v = if j < group.len() {
+                                        src[a[j] + l * sx]
+                                    } else {
+                                        T::default()
+                                    };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the im2col matrix (tap `k = (c, ky, kx)` row-major, pixel `n = (oy, ox)`
+    /// row-major) into `out` in `layout`, padding lanes and taps included.
+    fn write<T: Copy + Default>(&self, input: &[T], pad: T, layout: Layout, out: &mut [T]) {
+        let (r, k, n) = (layout.r(), self.k(), self.n());
+        let panel_len = layout.panel_len(k);
+        let (hp, wp, src) = self.padded(input, pad);
+        // Offset of every tap in the padded input, relative to the pixel's top-left tap.
+        let taps: Vec<usize> = (0..self.c)
+            .flat_map(|c| {
+                (0..self.kh).flat_map(move |ky| {
+                    (0..self.kw).map(move |kx| (c * hp + ky * self.dy) * wp + kx * self.dx)
+                })
+            })
+            .collect();
+        if let Layout::K4 { r } = layout
+            && self.ow.is_multiple_of(r)
+        {
+            self.write_k4_rows(&src, wp, &taps, r, panel_len, out);
+            return;
+        }
+        let mut bases = vec![0usize; r];
+        for (p, panel) in out.chunks_mut(panel_len).enumerate() {
+            let first = p * r;
+            let lanes = r.min(n - first);
+            for (l, base) in bases.iter_mut().enumerate().take(lanes) {
+                let (oy, ox) = ((first + l) / self.ow, (first + l) % self.ow);
+                *base = oy * self.sy * wp + ox * self.sx;
+            }
+            // Lanes past the last pixel and taps past k are computed on by the kernel: zeros.
+            if lanes < r {
+                panel.fill(T::default());
+            }
+            let contiguous = (1..lanes).all(|l| bases[l] == bases[0] + l);
+            match layout {
+                Layout::KMajor { .. } => {
+                    panel[k * r..].fill(T::default());
+                    for (t, &off) in taps.iter().enumerate() {
+                        let dst = &mut panel[t * r..t * r + lanes];
+                        if contiguous {
+                            let s = bases[0] + off;
+                            dst.copy_from_slice(&src[s..s + lanes]);
+                        } else {
+                            for (d, &b) in dst.iter_mut().zip(&bases) {
+                                *d = src[b + off];
+                            }
+                        }
+                    }
+                }
+                Layout::K4 { .. } => {
+                    for (g, group) in taps.chunks(4).enumerate() {
+                        let dst = &mut panel[g * 4 * r..g * 4 * r + 4 * lanes];
+                        for (quad, &b) in dst.chunks_exact_mut(4).zip(&bases) {
+                            for (j, &off) in group.iter().enumerate() {
+                                quad[j] = src[b + off];
+                            }
+                            for q in quad.iter_mut().skip(group.len()) {
+                                *q = T::default();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Some` when `T` is a byte type (the only case the `K4` layout is used for).
+fn bytes<T: Copy>(s: &[T]) -> Option<&[u8]> {
+    // SAFETY: T is plain copy data of size 1, so the slices cover the same bytes.
+    (size_of::<T>() == 1).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) })
+}
+
+fn bytes_mut<T: Copy>(s: &mut [T]) -> Option<&mut [u8]> {
+    // SAFETY: as in `bytes`.
+    (size_of::<T>() == 1)
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
+}
+
+/// `dst[4 l + j] = src[at[j] + l]` for `l < 8`: four runs of 8 bytes, interleaved; two
+/// unpack steps on x86-64 (SSE2, always present), one `st4` on aarch64.
+#[inline(always)]
+fn interleave4x8(src: &[u8], at: [usize; 4], dst: &mut [u8]) {
+    let rows: [&[u8; 8]; 4] = at.map(|a| src[a..a + 8].try_into().expect("8 bytes"));
+    let dst: &mut [u8; 32] = (&mut dst[..32]).try_into().expect("32 bytes");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 is part of x86-64; loads and stores are unaligned ones within the arrays.
+    unsafe {
+        use std::arch::x86_64::*;
+        let [r0, r1, r2, r3] = rows.map(|r| _mm_loadl_epi64(r.as_ptr().cast()));
+        let a = _mm_unpacklo_epi8(r0, r1);
+        let b = _mm_unpacklo_epi8(r2, r3);
+        _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_unpacklo_epi16(a, b));
+        _mm_storeu_si128(dst.as_mut_ptr().add(16).cast(), _mm_unpackhi_epi16(a, b));
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: NEON is part of aarch64; the loads and the store stay within the arrays.
+    unsafe {
+        use std::arch::aarch64::*;
+        let [r0, r1, r2, r3] = rows.map(|r| vld1_u8(r.as_ptr()));
+        vst4_u8(dst.as_mut_ptr(), uint8x8x4_t(r0, r1, r2, r3));
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    for l in 0..8 {
+        for j in 0..4 {
+            dst[4 * l + j] = rows[j][l];
+        }
+    }
+}
+
+/// im2col into the packed panels of tract's matrix-product kernel; a drop-in replacement for
+/// tract's `Im2col` node (same inputs, same output) on single-group 2-D convolutions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PackedIm2Col {
+    pool_spec: PoolSpec,
+    format: Box<dyn MMMInputFormat>,
+    layout: Layout,
+    k: usize,
+}
+
+impl PackedIm2Col {
+    /// The replacement for an `Im2col` whose output fact is `output`, or `None` where this op
+    /// does not cover it (groups, 1-D or 3-D kernels, another packing).
+    pub fn replacing(op: &Im2Col, input: &TypedFact, output: &TypedFact) -> Option<Self> {
+        let pof = output
+            .exotic_fact
+            .as_ref()?
+            .downcast_ref::<PackedExoticFact>()?;
+        let spec = &op.pool_spec;
+        let shape = input.shape.as_concrete()?;
+        let geo = Geometry::new(spec, shape).ok()?;
+        let layout = Layout::of(&*pof.format, input.datum_type, pof.k)?;
+        (op.group == 1 && geo.k() == pof.k && pof.mn.to_usize().ok() == Some(geo.n())).then(|| {
+            PackedIm2Col {
+                pool_spec: spec.clone(),
+                format: pof.format.clone(),
+                layout,
+                k: pof.k,
+            }
+        })
+    }
+
+    fn pack(&self, input: &Tensor, pad: Option<&Tensor>) -> TractResult<Tensor> {
+        let geo = Geometry::new(&self.pool_spec, input.shape())?;
+        ensure!(
+            geo.k() == self.k,
+            "PackedIm2Col: input does not match the planned geometry"
+        );
+        let dt = input.datum_type();
+        let (n, r) = (geo.n(), self.layout.r());
+        let panel_len = self.layout.panel_len(self.k);
+        let len = n.div_ceil(r) * panel_len;
+        let align = self.layout.alignment(&*self.format);
+        // SAFETY: `write` sets every element of every panel, padding included.
+        let mut data = unsafe { Tensor::uninitialized_aligned_dt(dt, &[len], align)? };
+        // tract hands the zero point as an i32 scalar; the padding is that value in the input type.
+        let pad = match pad {
+            Some(p) => p.cast_to_dt(dt)?.into_owned(),
+            None => Tensor::zero_scalar_dt(dt)?,
+        };
+        ensure!(
+            pad.len() == 1,
+            "PackedIm2Col: padding {pad:?} is not a scalar"
+        );
+        // SAFETY: the slices reinterpret plain copy data of the same element size.
+        unsafe {
+            match dt.size_of() {
+                1 => geo.write::<u8>(
+                    input.as_slice_unchecked(),
+                    *pad.as_slice_unchecked::<u8>().first().unwrap_or(&0),
+                    self.layout,
+                    data.as_slice_mut_unchecked(),
+                ),
+                4 => geo.write::<u32>(
+                    input.as_slice_unchecked(),
+                    *pad.as_slice_unchecked::<u32>().first().unwrap_or(&0),
+                    self.layout,
+                    data.as_slice_mut_unchecked(),
+                ),
+                s => bail!("PackedIm2Col: {s}-byte elements are not supported"),
+            }
+        }
+        let value = EagerPackedInput {
+            fact: PackedExoticFact {
+                format: self.format.clone(),
+                k: self.k,
+                mn: n.to_dim(),
+            },
+            packed: Arc::new(data.into_blob()?),
+            panel_bytes: panel_len * dt.size_of(),
+            mn: n,
+        };
+        Ok(PackedMatrixStorage::new_batched(&[1, 1], tvec!(Box::new(value) as _)).into_tensor(dt))
+    }
+}
+
+impl Op for PackedIm2Col {
+    fn name(&self) -> StaticName {
+        "PackedIm2col".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for PackedIm2Col {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let out = self.pack(&inputs[0], inputs.get(1).map(|t| &**t))?;
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for PackedIm2Col {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let shape = inputs[0]
+            .shape
+            .as_concrete()
+            .context("PackedIm2Col needs a concrete input shape")?;
+        let geo = Geometry::new(&self.pool_spec, shape)?;
+        let fact = PackedExoticFact {
+            format: self.format.clone(),
+            k: self.k,
+            mn: geo.n().to_dim(),
+        };
+        Ok(tvec!(
+            inputs[0]
+                .datum_type
+                .fact([1usize, 1])
+                .with_exotic_fact(fact)
+        ))
+    }
+}
+
+/// The replacement for `node` if it is an `Im2col` that [`PackedIm2Col`] covers.
+pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dyn TypedOp>> {
+    let op = node.op_as::<Im2Col>()?;
+    let input = model.outlet_fact(node.inputs[0]).ok()?;
+    PackedIm2Col::replacing(op, input, &node.outputs[0].fact).map(|op| Box::new(op) as _)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use tract_onnx::tract_core::ops::cnn::PaddingSpec;
+
+    fn packed_bytes(t: &Tensor) -> Vec<u8> {
+        let storage = t.try_storage_as::<PackedMatrixStorage>().unwrap();
+        assert_eq!(storage.values().len(), 1);
+        let eager = storage.value().downcast_ref::<EagerPackedInput>().unwrap();
+        eager.packed.as_bytes().to_vec()
+    }
+
+    /// The im2col matrix `[k, n]` computed the obvious way.
+    fn naive(geo: &Geometry, input: &[u8], pad: u8) -> Vec<u8> {
+        let (k, n) = (geo.k(), geo.n());
+        let mut m = vec![0u8; k * n];
+        for c in 0..geo.c {
+            for ky in 0..geo.kh {
+                for kx in 0..geo.kw {
+                    let t = (c * geo.kh + ky) * geo.kw + kx;
+                    for oy in 0..geo.oh {
+                        for ox in 0..geo.ow {
+                            let y = (oy * geo.sy + ky * geo.dy) as isize - geo.pad_top;
+                            let x = (ox * geo.sx + kx * geo.dx) as isize - geo.pad_left;
+                            let inside =
+                                y >= 0 && x >= 0 && (y as usize) < geo.h && (x as usize) < geo.w;
+                            m[t * n + oy * geo.ow + ox] = if inside {
+                                input[(c * geo.h + y as usize) * geo.w + x as usize]
+                            } else {
+                                pad
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    fn spec(k: usize, stride: usize, dilation: usize, pad: usize) -> PoolSpec {
+        PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(k, k),
+            padding: PaddingSpec::Explicit(tvec!(pad, pad), tvec!(pad, pad)),
+            dilations: Some(tvec!(dilation, dilation)),
+            strides: Some(tvec!(stride, stride)),
+            input_channels: 0,
+            output_channels: 0,
+        }
+    }
+
+    /// Every layout byte against tract's own packers fed the naive matrix, over the kinds of
+    /// convolution in our models: 7x7 stride 2, 3x3 padded, dilated past the image, 1x1, and
+    /// sizes that leave partial panels and partial tap groups.
+    #[test]
+    fn packs_the_same_bytes_as_tracts_packers() {
+        let cases = [
+            (3, 19, 23, 7, 2, 1, 3),
+            (5, 9, 11, 3, 1, 1, 1),
+            (4, 8, 8, 3, 1, 6, 6),
+            (2, 6, 5, 3, 1, 12, 12),
+            (6, 7, 7, 1, 1, 1, 0),
+            (3, 10, 9, 3, 2, 1, 1),
+            (3, 16, 16, 3, 1, 1, 1),
+            (2, 32, 32, 3, 2, 1, 1),
+            (8, 16, 32, 3, 1, 2, 2),
+        ];
+        for (c, h, w, k, stride, dilation, pad) in cases {
+            let geo = Geometry::new(&spec(k, stride, dilation, pad), &[1, c, h, w]).unwrap();
+            let input: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 251) as u8 + 1).collect();
+            let matrix = naive(&geo, &input, 0xEE);
+            let t = Tensor::from_shape(&[geo.k(), geo.n()], &matrix).unwrap();
+            let formats: Vec<Box<dyn MMMInputFormat>> = vec![
+                Box::new(PackedI8K4::new(8)),
+                Box::new(PackedI8K4::new(16)),
+                Box::new(PackedFormat::new(DatumType::U8, 8, 16)),
+                Box::new(PackedFormat::new(DatumType::U8, 4, 4)),
+            ];
+            for format in formats {
+                let layout = Layout::of(&*format, DatumType::U8, geo.k()).unwrap();
+                let len = geo.n().div_ceil(layout.r()) * layout.panel_len(geo.k());
+                let mut ours = vec![0x55u8; len];
+                geo.write(&input, 0xEE, layout, &mut ours);
+                let theirs = format.prepare_one(&t, 0, 1).unwrap();
+                let theirs = theirs.downcast_ref::<EagerPackedInput>().unwrap();
+                let theirs = theirs.packed.as_bytes();
+                // tract's PackedFormat pads the panel for alignment; those bytes are not read.
+                let rk = match layout {
+                    Layout::KMajor { r, .. } => geo.k() * r,
+                    Layout::K4 { .. } => layout.panel_len(geo.k()),
+                };
+                for (p, (a, b)) in ours
+                    .chunks(layout.panel_len(geo.k()))
+                    .zip(theirs.chunks(layout.panel_len(geo.k())))
+                    .enumerate()
+                {
+                    assert_eq!(a[..rk], b[..rk], "{geo:?} {format} panel {p}");
+                }
+            }
+        }
+    }
+
+    fn load(path: &str) -> TypedModel {
+        let onnx = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        tract_onnx::onnx()
+            .model_for_path(onnx)
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+    }
+
+    /// Every im2col of the shipped int8 model, run by tract and by us on the same input.
+    #[test]
+    fn matches_tract_on_every_im2col_of_the_shipped_model() {
+        let model = load("models/polypwatch-edge-int8.onnx");
+        let mut seen = 0;
+        for node in model.nodes() {
+            let Some(op) = node.op_as::<Im2Col>() else {
+                continue;
+            };
+            let fact = model.outlet_fact(node.inputs[0]).unwrap();
+            let ours = PackedIm2Col::replacing(op, fact, &node.outputs[0].fact)
+                .unwrap_or_else(|| panic!("{} not covered", node.name));
+            let shape = fact.shape.as_concrete().unwrap();
+            let len: usize = shape.iter().product();
+            let data: Vec<i8> = (0..len).map(|i| (i * 7919 % 251) as i8).collect();
+            let mut inputs: TVec<TValue> =
+                tvec!(Tensor::from_shape(shape, &data).unwrap().into_tvalue());
+            if let Some(pad) = node.inputs.get(1) {
+                let k = model.outlet_fact(*pad).unwrap().konst.clone().unwrap();
+                inputs.push(k.into_tvalue());
+            }
+            let theirs = op.eval_out_of_plan(inputs.clone()).unwrap().unwrap();
+            let mine = ours.eval_out_of_plan(inputs).unwrap().unwrap();
+            assert_eq!(
+                packed_bytes(&theirs[0]),
+                packed_bytes(&mine[0]),
+                "{}",
+                node.name
+            );
+            seen += 1;
+        }
+        assert!(seen > 10, "only {seen} im2col nodes");
+    }
+
+    /// The rewritten plan gives the same logits, to the bit, as tract's.
+    #[test]
+    fn rewritten_model_gives_identical_logits() {
+        let mut model = load("models/polypwatch-edge-int8.onnx");
+        let reference = model.clone().into_runnable().unwrap();
+        assert!(super::super::replace_each(&mut model, replacement).unwrap() > 10);
+        let ours = model.into_runnable().unwrap();
+        let input =
+            tract_ndarray::Array4::<f32>::from_shape_fn((1, 3, 256, 256), |(_, c, y, x)| {
+                (((c * 131 + y * 17 + x * 5) % 97) as f32 / 48.0) - 1.0
+            });
+        let input: Tensor = input.into();
+        let a = reference.run(tvec!(input.clone().into())).unwrap();
+        let b = ours.run(tvec!(input.into())).unwrap();
+        let view = |t: &TValue| {
+            t.to_plain_array_view::<f32>()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(view(&a[0]), view(&b[0]));
+    }
+}
