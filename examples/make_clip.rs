@@ -1,7 +1,9 @@
 //! Builds a replay clip from one Kvasir-SEG image: a window pans across it so that the polyp
 //! enters and leaves the view. The mask gives every frame's true label (`labels.csv`).
 //!
-//! cargo run --release --example make_clip -- ../shared/datasets/kvasir-seg NAME demo/clip [FRAMES] [WIDTH]
+//! cargo run --release --example make_clip -- ../shared/datasets/kvasir-seg NAME demo/clip [FRAMES] [WIDTH] [HEIGHT]
+//!
+//! With HEIGHT the window takes the output's aspect ratio (e.g. 1280 1024, a camera's frame).
 
 use std::path::PathBuf;
 
@@ -15,12 +17,13 @@ const IN_VIEW_FRACTION: f64 = 0.01;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: make_clip DATASET NAME OUT [FRAMES] [WIDTH]";
+    let usage = "usage: make_clip DATASET NAME OUT [FRAMES] [WIDTH] [HEIGHT]";
     let src = PathBuf::from(args.first().context(usage)?);
     let name = args.get(1).context(usage)?;
     let out = PathBuf::from(args.get(2).context(usage)?);
     let frames: usize = args.get(3).map_or(Ok(75), |s| s.parse())?;
     let out_w: u32 = args.get(4).map_or(Ok(320), |s| s.parse())?;
+    let out_h: Option<u32> = args.get(5).map(|s| s.parse()).transpose()?;
     let ds = Dataset::open(&src)?;
     let s = ds
         .samples
@@ -31,8 +34,11 @@ fn main() -> Result<()> {
     let (w, h) = img.dimensions();
     let (x0, x1) = polyp_columns(&mask).context("the mask has no polyp")?;
     // Window: 45% of the width, full height; it travels from left of the polyp to right of it.
-    let ww = (w as f32 * 0.45) as i64;
-    let out_h = (out_w as f32 * h as f32 / ww as f32).round() as u32;
+    let ww = match out_h {
+        Some(oh) => ((h as f32 * out_w as f32 / oh as f32) as i64).min(w as i64),
+        None => (w as f32 * 0.45) as i64,
+    };
+    let out_h = out_h.unwrap_or((out_w as f32 * h as f32 / ww as f32).round() as u32);
     // Half a window of empty travel on each side, so the clip starts and ends without polyp.
     let start = x0 as i64 - ww - ww / 2;
     let end = x1 as i64 + ww / 2;

@@ -228,6 +228,7 @@ impl FrameSource for Camera {
         let stall = self.cfg.stall;
         let o = self.open.as_mut().expect("opened above");
         let result = o.stream.next().map(|(buf, meta)| {
+            let captured = Instant::now();
             let used = (meta.bytesused as usize).min(buf.len());
             let r = pixfmt::convert(
                 o.format,
@@ -237,18 +238,18 @@ impl FrameSource for Camera {
                 o.stride,
                 &mut self.rgb,
             );
-            (r, meta.sequence)
+            (r, captured)
         });
         match result {
-            Ok((converted, _)) => {
+            Ok((converted, captured)) => {
                 o.last_frame = Instant::now();
                 let seq = self.seq;
                 self.seq += 1;
                 converted.map_err(|source| CaptureError::BadBuffer { seq, source })?;
-                let captured = Instant::now();
                 Ok(Some(Frame {
                     seq,
                     captured,
+                    decode_ms: captured.elapsed().as_secs_f64() * 1e3,
                     t_ms: (captured - self.start).as_millis() as u64,
                     origin: format!("{}#{seq}", self.cfg.device.display()),
                     image: self.rgb.clone(),

@@ -13,8 +13,11 @@ use crate::preprocess::{self, PreprocessError};
 pub struct Frame {
     /// Sequence number of the frame at the source (gaps are frames dropped before decoding).
     pub seq: u64,
-    /// When the frame was captured (read from its source).
+    /// When the frame arrived: dequeued from the camera, or read from the replay file (before
+    /// decoding). Latencies are measured from here.
     pub captured: Instant,
+    /// Time spent turning the buffer into RGB pixels (JPEG decoding, pixel format conversion).
+    pub decode_ms: f64,
     /// Milliseconds since the stream started.
     pub t_ms: u64,
     /// Where it came from (file name, or device).
@@ -159,12 +162,13 @@ impl FrameSource for Replay {
         let seq = self.seq;
         self.next += 1;
         self.seq += 1;
+        let captured = Instant::now();
         let image =
             preprocess::load_rgb(path).map_err(|source| CaptureError::BadFrame { seq, source })?;
-        let captured = Instant::now();
         Ok(Some(Frame {
             seq,
             captured,
+            decode_ms: captured.elapsed().as_secs_f64() * 1e3,
             t_ms: (captured - start).as_millis() as u64,
             origin: path
                 .file_name()

@@ -29,6 +29,7 @@ pub mod service;
 pub mod signing;
 pub mod sink;
 pub mod store;
+pub mod timing;
 
 /// The version of tract this build runs models with (recorded in manifests at export).
 pub const TRACT_VERSION: &str = "0.23.9";

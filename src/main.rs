@@ -71,7 +71,7 @@ enum Command {
         /// Inference threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// JPEG/PNG frames to decode (cycled); default: the demo clip.
+        /// JPEG/PNG frames, or folders of them, to decode (cycled); default: the demo clip.
         #[arg(long)]
         images: Vec<PathBuf>,
         /// Print JSON instead of a table.
@@ -225,11 +225,12 @@ fn run(config: Option<PathBuf>) -> Result<()> {
         .context("installing signal handlers")?;
     let summary = service::run(config.as_deref(), cfg, &control)?;
     log::info!(
-        "stopped: {} frames, {} dropped, {} unreadable, {} alerts",
+        "stopped: {} frames, {} dropped, {} unreadable, {} alerts; {}",
         summary.frames,
         summary.dropped,
         summary.bad_frames,
-        summary.alerts
+        summary.alerts,
+        summary.timing
     );
     Ok(())
 }
@@ -331,16 +332,33 @@ fn bench_cmd(
     let seg = load_model(model)?;
     let images = if images.is_empty() {
         let demo = service::demo_config()?;
-        let clip = demo.source.path.context("the demo config has no clip")?;
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&clip)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-            .collect();
-        v.sort();
-        v
+        vec![demo.source.path.context("the demo config has no clip")?]
     } else {
         images
     };
+    // A folder stands for its JPEG/PNG files, in name order.
+    let mut files = Vec::new();
+    for path in images {
+        if path.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&path)
+                .with_context(|| format!("cannot list {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+                    })
+                })
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                bail!("{} holds no JPEG or PNG frames", path.display());
+            }
+            files.extend(v);
+        } else {
+            files.push(path);
+        }
+    }
+    let images = files;
     let refs: Vec<&Path> = images.iter().map(|p| p.as_path()).collect();
     let r = bench::bench(&seg, &refs, frames.max(1), threads)?;
     if json {

@@ -1,6 +1,6 @@
-//! The daemon's pipeline: capture on its own thread with latest-frame hand-off, then
-//! preprocess, infer, detect, alert and sink on the processing thread; signals, systemd
-//! readiness, status and watchdog.
+//! The daemon's pipeline: capture, decoding and preprocessing on the capture thread with a
+//! latest-frame hand-off, then infer, detect, alert and sink on the processing thread, so the two
+//! overlap on two cores; signals, systemd readiness, status with stage times, and watchdog.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +14,10 @@ use crate::config::{Config, ConfigError, SourceKind};
 use crate::detect::{Detection, Detector};
 use crate::gpio::GpioError;
 use crate::model::{ModelError, Segmenter};
+use crate::preprocess::Recipe;
 use crate::sink::{Event, EventStream, Snapshots, overlay};
 use crate::store::{InstallError, Store};
+use crate::timing::{Stages, Timing, TimingReport};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +59,8 @@ impl Control {
     }
 }
 
-/// Counters reported at exit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters and timing reported at exit.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Summary {
     /// Frames processed.
     pub frames: u64,
@@ -68,11 +70,24 @@ pub struct Summary {
     pub bad_frames: u64,
     /// Alerts raised.
     pub alerts: u64,
+    /// Frame rate, capture-to-decision latency and stage times over the whole run.
+    pub timing: TimingReport,
+}
+
+/// A frame with its model input, prepared on the capture thread.
+struct Job {
+    frame: Frame,
+    /// The recipe `input` was made with; a reload may have changed the model's since.
+    recipe: Recipe,
+    input: Vec<f32>,
+    preprocess_ms: f64,
+    /// When it was handed to the processing thread.
+    queued: Instant,
 }
 
 #[derive(Default)]
 struct Slot {
-    frame: Option<Frame>,
+    frame: Option<Job>,
     dropped: u64,
     bad: u64,
     ended: bool,
@@ -102,7 +117,12 @@ pub fn open_source(cfg: &Config) -> Result<Box<dyn FrameSource>, ServiceError> {
     }
 }
 
-fn capture_loop(mut src: Box<dyn FrameSource>, hand: Arc<Handoff>, stop: Arc<AtomicBool>) {
+fn capture_loop(
+    mut src: Box<dyn FrameSource>,
+    hand: Arc<Handoff>,
+    stop: Arc<AtomicBool>,
+    recipe: Arc<Mutex<Recipe>>,
+) {
     let paced = src.paced();
     while !stop.load(Ordering::Relaxed) {
         if !paced {
@@ -115,7 +135,21 @@ fn capture_loop(mut src: Box<dyn FrameSource>, hand: Arc<Handoff>, stop: Arc<Ato
                     .0;
             }
         }
-        let next = src.next_frame();
+        // Preprocessing here overlaps the model running on the previous frame.
+        let next = src.next_frame().map(|f| {
+            f.map(|frame| {
+                let recipe = recipe.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let t = Instant::now();
+                let input = recipe.tensor_from_rgb(&frame.image);
+                Job {
+                    preprocess_ms: t.elapsed().as_secs_f64() * 1e3,
+                    frame,
+                    recipe,
+                    input,
+                    queued: Instant::now(),
+                }
+            })
+        });
         let mut slot = hand.slot.lock().unwrap_or_else(|e| e.into_inner());
         match next {
             Ok(Some(f)) => {
@@ -211,19 +245,44 @@ impl Engine {
 struct Processed {
     detection: Detection,
     mask: image::GrayImage,
+    /// Capture to decision (the alert machine's input is ready), in milliseconds.
     latency_ms: f64,
+    stages: Stages,
 }
 
-fn process(engine: &Engine, frame: &Frame) -> Result<Processed, ModelError> {
+fn process(engine: &Engine, job: Job) -> (Frame, Result<Processed, ModelError>) {
+    let t0 = Instant::now();
     let r = &engine.seg.manifest().preprocess;
-    let mut logits = engine.seg.run(&r.tensor_from_rgb(&frame.image))?;
-    let mask = engine.detector.mask(&mut logits, r.width, r.height);
-    let detection = engine.detector.detect(&logits, &mask);
-    Ok(Processed {
-        detection,
-        mask,
-        latency_ms: frame.captured.elapsed().as_secs_f64() * 1e3,
-    })
+    let mut stages = Stages {
+        decode: job.frame.decode_ms,
+        preprocess: job.preprocess_ms,
+        wait: (t0 - job.queued).as_secs_f64() * 1e3,
+        ..Stages::default()
+    };
+    let input = if job.recipe == *r {
+        job.input
+    } else {
+        // Prepared before a reload changed the recipe.
+        let t = Instant::now();
+        let input = r.tensor_from_rgb(&job.frame.image);
+        stages.preprocess += t.elapsed().as_secs_f64() * 1e3;
+        input
+    };
+    let t1 = Instant::now();
+    let result = engine.seg.run(&input).map(|mut logits| {
+        let t2 = Instant::now();
+        let mask = engine.detector.mask(&mut logits, r.width, r.height);
+        let detection = engine.detector.detect(&logits, &mask);
+        stages.inference = (t2 - t1).as_secs_f64() * 1e3;
+        stages.postprocess = t2.elapsed().as_secs_f64() * 1e3;
+        Processed {
+            detection,
+            mask,
+            latency_ms: job.frame.captured.elapsed().as_secs_f64() * 1e3,
+            stages,
+        }
+    });
+    (job.frame, result)
 }
 
 fn notify(state: &[sd_notify::NotifyState]) {
@@ -318,11 +377,12 @@ pub fn run(
         ready: Condvar::new(),
     });
     let cap_stop = Arc::new(AtomicBool::new(false));
+    let recipe = Arc::new(Mutex::new(engine.seg.manifest().preprocess.clone()));
     let capture = {
-        let (hand, stop) = (hand.clone(), cap_stop.clone());
+        let (hand, stop, recipe) = (hand.clone(), cap_stop.clone(), recipe.clone());
         std::thread::Builder::new()
             .name("capture".into())
-            .spawn(move || capture_loop(source, hand, stop))
+            .spawn(move || capture_loop(source, hand, stop, recipe))
             .expect("spawn capture thread")
     };
 
@@ -341,8 +401,8 @@ pub fn run(
     let mut last_frame_at = Instant::now();
     let mut last_watchdog = Instant::now();
     let mut last_status = Instant::now();
-    let mut window_frames = 0u64;
-    let mut window_latency = 0.0f64;
+    let mut window = Timing::default();
+    let mut timing = Timing::default();
     let mut last_frame: Option<Frame> = None;
     let mut stalled = false;
     let mut pending: Option<std::thread::JoinHandle<Prepared>> = None;
@@ -359,7 +419,11 @@ pub fn run(
         }
         if pending.as_ref().is_some_and(|h| h.is_finished()) {
             match pending.take().map(|h| h.join()) {
-                Some(Ok(prepared)) => apply_reload(prepared, &mut engine, &mut alerts),
+                Some(Ok(prepared)) => {
+                    apply_reload(prepared, &mut engine, &mut alerts);
+                    *recipe.lock().unwrap_or_else(|e| e.into_inner()) =
+                        engine.seg.manifest().preprocess.clone();
+                }
                 _ => log::error!(
                     "the reload failed unexpectedly; still serving {}",
                     engine.model_label()
@@ -382,13 +446,14 @@ pub fn run(
             hand.ready.notify_all();
             (taken, slot.ended)
         };
-        if let Some(frame) = frame {
-            match process(&engine, &frame) {
+        if let Some(job) = frame {
+            let (frame, processed) = process(&engine, job);
+            match processed {
                 Ok(p) => {
                     summary.frames += 1;
-                    window_frames += 1;
-                    window_latency += p.latency_ms;
                     last_frame_at = Instant::now();
+                    window.record(&p.stages, p.latency_ms, last_frame_at);
+                    timing.record(&p.stages, p.latency_ms, last_frame_at);
                     if stalled {
                         log::info!("frames flow again");
                         stalled = false;
@@ -448,16 +513,20 @@ pub fn run(
         }
         if ready && now - last_status >= Duration::from_secs_f64(engine.cfg.runtime.status_secs) {
             let secs = (now - last_status).as_secs_f64();
+            let w = window.report();
             let status = format!(
                 "{:.1} fps, latency {:.0} ms, model {}, {} alerts, {} dropped",
-                window_frames as f64 / secs,
-                window_latency / window_frames.max(1) as f64,
+                w.frames as f64 / secs,
+                w.latency_p50_ms,
                 engine.seg.manifest().model.version,
                 summary.alerts,
                 summary.dropped
             );
             notify(&[sd_notify::NotifyState::Status(&status)]);
-            (last_status, window_frames, window_latency) = (now, 0, 0.0);
+            if w.frames > 0 {
+                log::info!("timing over {:.0} s: {w}", secs);
+            }
+            (last_status, window) = (now, Timing::default());
         }
         if control.stop.load(Ordering::Relaxed)
             || (ended && hand.slot.lock().map(|s| s.frame.is_none()).unwrap_or(true))
@@ -477,7 +546,9 @@ pub fn run(
         a.end_ms = Some(f.t_ms);
         alert_end(&mut engine, &a, f);
     }
+    summary.timing = timing.report();
     engine.events.emit(&Event::Stopped {
+        timing: summary.timing,
         frames: summary.frames,
         dropped: summary.dropped,
         bad_frames: summary.bad_frames,

@@ -157,6 +157,8 @@ pub enum Event {
         bad_frames: u64,
         /// Alerts raised.
         alerts: u64,
+        /// Frame rate, capture-to-decision latency and stage times over the run.
+        timing: crate::timing::TimingReport,
     },
 }
 

@@ -217,6 +217,20 @@ fn corrupt_frames_are_skipped_and_the_stream_goes_on() {
     assert!(d.exit_within(Duration::from_secs(5)).success());
     assert_eq!(stopped["frames"], 3, "{stopped}");
     assert_eq!(stopped["bad_frames"], 2, "{stopped}");
+    // The run's timing covers the three decoded frames, every stage measured.
+    let timing = &stopped["timing"];
+    assert_eq!(timing["frames"], 3, "{stopped}");
+    for stage in ["decode", "preprocess", "inference", "postprocess"] {
+        assert!(
+            timing["mean"][stage].as_f64().unwrap() > 0.0,
+            "{stage}: {stopped}"
+        );
+    }
+    let (p50, max) = (
+        timing["latency_p50_ms"].as_f64().unwrap(),
+        timing["latency_max_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= max, "{stopped}");
     let err = d.stderr.lock().unwrap().clone();
     assert!(
         err.contains("f3.jpg") && err.contains("skipping frame"),
