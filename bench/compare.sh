@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # polypwatch vs ONNX Runtime on the same ONNX model and the same frames (the demo clip), f32 and
 # int8, 1 and 2 threads: per-frame inference latency p50/p95, ratio to ONNX Runtime, FLOPs and
-# GFLOP/s. ONNX Runtime's int8 is its own static QDQ quantization of the same f32 model.
+# GFLOP/s. ONNX Runtime's int8 is its own static QDQ quantization of the same f32 model;
+# "int8-ours" is ONNX Runtime running polypwatch's own int8 export.
 #   bash bench/compare.sh [F32_MANIFEST]     (default models/polypwatch-edge-f32.toml)
 # Installs onnxruntime, onnx, numpy, pillow and sympy from PyPI into target/bench-venv on first use.
 set -euo pipefail
@@ -19,8 +20,9 @@ onnx=$(dirname "$m32")/$(sed -n 's/^onnx = "\(.*\)"/\1/p' "$m32")
 size=$(sed -n 's/^width = \([0-9]*\)/\1/p' "$m32" | head -1)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+onnx8=$(dirname "$m8")/$(sed -n 's/^onnx = "\(.*\)"/\1/p' "$m8")
 $venv/bin/python bench/ort_bench.py --model "$onnx" --frames demo/clip --size "$size" \
-  --threads 1 2 --runs "$runs" --workdir "$tmp" --json "$tmp/ort.json"
+  --threads 1 2 --runs "$runs" --workdir "$tmp" --json "$tmp/ort.json" --ours-int8 "$onnx8"
 for m in "$m32" "$m8"; do
   [ -f "$m" ] || continue
   for t in 1 2; do
@@ -45,7 +47,7 @@ print(f"{'runtime':<12} {'precision':<9} {'threads':>7} {'p50 ms':>8} {'p95 ms':
 for key in sorted(rows, key=lambda k: (k[1], k[2], k[0] != "polypwatch")):
     run, prec, t = key
     r = rows[key]
-    ref = rows.get(("onnxruntime", prec, t))
+    ref = rows.get(("onnxruntime", prec, t)) or rows.get(("onnxruntime", "int8-ours", t))
     ratio = f"{r['p50'] / ref['p50']:.2f}x" if ref else "-"
     print(f"{run:<12} {prec:<9} {t:>7} {r['p50']:>8.2f} {r['p95']:>8.2f} {ratio:>7} {flops / 1e6 / r['p50']:>8.1f}")
 PY

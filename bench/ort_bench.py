@@ -105,12 +105,16 @@ def main():
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--workdir", default=".")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--ours-int8", help="also time this int8 ONNX file (polypwatch's export)")
     a = ap.parse_args()
     frames = load_frames(a.frames, a.size)
     int8 = os.path.join(a.workdir, "ort-int8.onnx")
     quantize(a.model, int8, frames)
     res = {"ort_version": ort.__version__, "flops": conv_flops(a.model), "results": []}
-    for variant, path in (("f32", a.model), ("int8", int8)):
+    variants = [("f32", a.model), ("int8", int8)]
+    if a.ours_int8:
+        variants.append(("int8-ours", a.ours_int8))
+    for variant, path in variants:
         for t in a.threads:
             r = time_model(path, frames, t, a.runs)
             res["results"].append({"runtime": "onnxruntime", "precision": variant,

@@ -154,7 +154,7 @@ fn in_view_run(clip: &Path) -> (usize, usize) {
 fn alerts_while_the_polyp_is_in_view_reloads_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let clip = root().join("demo/clip");
-    let manifest = root().join("models/polypwatch-edge-f32.toml");
+    let manifest = root().join("models/polypwatch-edge-int8.toml");
     // 10 fps: slow enough that no frame is dropped on a busy CI machine.
     let cfg = config(dir.path(), &manifest, &clip, 10.0, true);
     let mut d = start(&cfg);

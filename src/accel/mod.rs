@@ -2,11 +2,13 @@
 //! replacement for one tract operator, written against tract's public API.
 //!
 //! They exist because tract spent most of a frame in a few generic operators: the int8
-//! convolutions' im2col ([`im2col`]), bilinear upsampling ([`resize`]) and float-to-int8
-//! quantization ([`quantize`]). Each replacement is checked against the operator it replaces
-//! on the shipped models, and an operator outside what a replacement covers is left to tract.
+//! convolutions' im2col ([`im2col`]), bilinear upsampling ([`resize`]), float-to-int8
+//! quantization ([`quantize`]) and the float convolutions' padding ([`pad`]). Each replacement
+//! is checked against the operator it replaces on the shipped models, and an operator outside
+//! what a replacement covers is left to tract.
 
 pub mod im2col;
+pub mod pad;
 pub mod quantize;
 pub mod resize;
 
@@ -21,6 +23,8 @@ pub struct Rewrites {
     pub resize: usize,
     /// `QuantizeLinearU8` nodes now [`quantize::Quantize`].
     pub quantize: usize,
+    /// Constant `Pad` nodes (float convolutions) now [`pad::Pad`].
+    pub pad: usize,
 }
 
 /// Applies every rewrite to a model tract has optimised.
@@ -29,6 +33,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         im2col: replace_each(model, im2col::replacement)?,
         resize: replace_each(model, resize::replacement)?,
         quantize: replace_each(model, quantize::replacement)?,
+        pad: replace_each(model, pad::replacement)?,
     })
 }
 
@@ -51,4 +56,41 @@ fn replace_each(
         model.compact()?;
     }
     Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped f32 model, rewritten, gives tract's logits to the bit.
+    #[test]
+    fn rewritten_f32_model_gives_tracts_logits() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/polypwatch-edge-f32.onnx");
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .unwrap()
+            .into_optimized()
+            .unwrap();
+        let reference = model.clone().into_runnable().unwrap();
+        let mut ours = model;
+        let done = rewrite(&mut ours).unwrap();
+        assert!(done.pad > 10 && done.resize >= 2, "{done:?}");
+        let ours = ours.into_runnable().unwrap();
+        let input =
+            tract_ndarray::Array4::<f32>::from_shape_fn((1, 3, 256, 256), |(_, c, y, x)| {
+                (((c * 131 + y * 17 + x * 5) % 97) as f32 / 48.0) - 1.0
+            });
+        let input: Tensor = input.into();
+        let a = reference.run(tvec!(input.clone().into())).unwrap();
+        let b = ours.run(tvec!(input.into())).unwrap();
+        let bits = |t: &TValue| {
+            t.to_plain_array_view::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert!(bits(&a[0]) == bits(&b[0]));
+    }
 }
