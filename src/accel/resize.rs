@@ -56,6 +56,18 @@ impl Bilinear {
     fn run(&self, input: &[f32], planes: usize, h: usize, w: usize, out: &mut [f32]) {
         let (oh, ow) = (self.rows.len_out(), self.cols.len_out());
         let mut tmp = vec![0f32; oh * w];
+        let win = self.cols.window;
+        let col_weights: Vec<f32> = self.cols.weights.iter().map(|&b| f32::from_bits(b)).collect();
+        // Column taps split by position, for the two-tap (linear) case.
+        let pairs = (win == 2).then(|| {
+            let idx = |k: usize| -> Vec<usize> {
+                self.cols.indices.iter().skip(k).step_by(2).copied().collect()
+            };
+            let wts = |k: usize| -> Vec<f32> {
+                col_weights.iter().skip(k).step_by(2).copied().collect()
+            };
+            ((idx(0), idx(1)), (wts(0), wts(1)))
+        });
         for (src, dst) in input
             .chunks_exact(h * w)
             .zip(out.chunks_exact_mut(oh * ow))
@@ -71,10 +83,33 @@ impl Bilinear {
                 }
             }
             for (row, out_row) in tmp.chunks_exact(w).zip(dst.chunks_exact_mut(ow)) {
-                for (x, d) in out_row.iter_mut().enumerate() {
+                let row = &row[..w];
+                if let Some(((i0, i1), (w0, w1))) = &pairs {
+                    // Linear: two taps per output, added in tract's order from 0.0.
+                    for ((((d, &i0), &i1), &w0), &w1) in
+                        out_row.iter_mut().zip(i0).zip(i1).zip(w0).zip(w1)
+                    {
+                        let mut acc = 0.0;
+                        if w0 != 0.0 {
+                            acc += w0 * row[i0];
+                        }
+                        if w1 != 0.0 {
+                            acc += w1 * row[i1];
+                        }
+                        *d = acc;
+                    }
+                    continue;
+                }
+                for ((d, idx), wts) in out_row
+                    .iter_mut()
+                    .zip(self.cols.indices.chunks_exact(win))
+                    .zip(col_weights.chunks_exact(win))
+                {
                     let mut acc = 0.0;
-                    for (i, wt) in self.cols.taps(x) {
-                        acc += wt * row[i];
+                    for (&i, &wt) in idx.iter().zip(wts) {
+                        if wt != 0.0 {
+                            acc += wt * row[i];
+                        }
                     }
                     *d = acc;
                 }
