@@ -57,15 +57,25 @@ impl Bilinear {
         let (oh, ow) = (self.rows.len_out(), self.cols.len_out());
         let mut tmp = vec![0f32; oh * w];
         let win = self.cols.window;
-        let col_weights: Vec<f32> = self.cols.weights.iter().map(|&b| f32::from_bits(b)).collect();
+        let col_weights: Vec<f32> = self
+            .cols
+            .weights
+            .iter()
+            .map(|&b| f32::from_bits(b))
+            .collect();
         // Column taps split by position, for the two-tap (linear) case.
         let pairs = (win == 2).then(|| {
             let idx = |k: usize| -> Vec<usize> {
-                self.cols.indices.iter().skip(k).step_by(2).copied().collect()
+                self.cols
+                    .indices
+                    .iter()
+                    .skip(k)
+                    .step_by(2)
+                    .copied()
+                    .collect()
             };
-            let wts = |k: usize| -> Vec<f32> {
-                col_weights.iter().skip(k).step_by(2).copied().collect()
-            };
+            let wts =
+                |k: usize| -> Vec<f32> { col_weights.iter().skip(k).step_by(2).copied().collect() };
             ((idx(0), idx(1)), (wts(0), wts(1)))
         });
         for (src, dst) in input
