@@ -58,39 +58,45 @@ fn replace_each(
     Ok(replaced)
 }
 
+/// A shipped model (`models/NAME`), optimised by tract, for the tests of the rewrites.
+#[cfg(test)]
+pub(crate) fn shipped_model(name: &str) -> TypedModel {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .and_then(|m| m.into_optimized())
+        .expect("the shipped model loads")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The shipped f32 model, rewritten, gives tract's logits to the bit.
+    /// Both shipped models, rewritten, give tract's logits to the bit.
     #[test]
-    fn rewritten_f32_model_gives_tracts_logits() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/polypwatch-edge-f32.onnx");
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .unwrap()
-            .into_optimized()
-            .unwrap();
-        let reference = model.clone().into_runnable().unwrap();
-        let mut ours = model;
-        let done = rewrite(&mut ours).unwrap();
-        assert!(done.pad > 10 && done.resize >= 2, "{done:?}");
-        let ours = ours.into_runnable().unwrap();
-        let input =
-            tract_ndarray::Array4::<f32>::from_shape_fn((1, 3, 256, 256), |(_, c, y, x)| {
-                (((c * 131 + y * 17 + x * 5) % 97) as f32 / 48.0) - 1.0
-            });
-        let input: Tensor = input.into();
-        let a = reference.run(tvec!(input.clone().into())).unwrap();
-        let b = ours.run(tvec!(input.into())).unwrap();
-        let bits = |t: &TValue| {
-            t.to_plain_array_view::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
-        assert!(bits(&a[0]) == bits(&b[0]));
+    fn rewritten_models_give_tracts_logits() {
+        for name in ["polypwatch-edge-f32.onnx", "polypwatch-edge-int8.onnx"] {
+            let model = shipped_model(name);
+            let reference = model.clone().into_runnable().unwrap();
+            let mut ours = model;
+            let done = rewrite(&mut ours).unwrap();
+            let expected = if name.contains("int8") {
+                done.im2col > 10 && done.quantize > 5 && done.resize >= 2
+            } else {
+                done.pad > 10 && done.resize >= 2
+            };
+            assert!(expected, "{name}: {done:?}");
+            let ours = ours.into_runnable().unwrap();
+            let input =
+                tract_ndarray::Array4::<f32>::from_shape_fn((1, 3, 256, 256), |(_, c, y, x)| {
+                    (((c * 131 + y * 17 + x * 5) % 97) as f32 / 48.0) - 1.0
+                });
+            let input: Tensor = input.into();
+            let a = reference.run(tvec!(input.clone().into())).unwrap();
+            let b = ours.run(tvec!(input.into())).unwrap();
+            assert!(a[0].as_bytes() == b[0].as_bytes(), "{name}");
+        }
     }
 }

@@ -105,21 +105,10 @@ pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dy
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn shipped_f32() -> TypedModel {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/polypwatch-edge-f32.onnx");
-        tract_onnx::onnx()
-            .model_for_path(path)
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-    }
-
     /// Every pad of the shipped f32 model, by tract and by us, and one with a nonzero value.
     #[test]
     fn pads_like_tract() {
-        let model = shipped_f32();
+        let model = super::super::shipped_model("polypwatch-edge-f32.onnx");
         // (tract's op, ours, input shape)
         type Case = (Box<dyn TypedOp>, Box<dyn TypedOp>, TVec<usize>);
         let mut cases: Vec<Case> = vec![];
