@@ -318,7 +318,12 @@ fn alert_start(engine: &mut Engine, a: &AlertEvent, frame: &Frame, p: &Processed
         model_version: version,
     });
     if let Some(s) = &engine.snapshots {
-        let name = format!("{}-alert{:04}-seq{}.jpg", unix_ms(), a.id, frame.seq);
+        let name = format!(
+            "{}-alert{:04}-seq{}.jpg",
+            crate::store::unix_ms(),
+            a.id,
+            frame.seq
+        );
         match s.save(&name, &overlay(&frame.image, &p.mask, best.map(|c| c.bbox))) {
             Ok(path) => log::info!("snapshot {}", path.display()),
             Err(e) => log::error!("cannot save snapshot {name}: {e}; alerting goes on"),
@@ -341,13 +346,6 @@ fn alert_end(engine: &mut Engine, a: &AlertEvent, frame: &Frame) {
         peak_score: a.peak_score,
         frames: a.frames,
     });
-}
-
-fn unix_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }
 
 /// Runs the daemon until stopped (or until a finite replay ends). `config_path` is re-read on

@@ -529,7 +529,8 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-fn unix_ms() -> u128 {
+/// Milliseconds since the Unix epoch (0 if the clock is before it), for unique file names.
+pub(crate) fn unix_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())

@@ -183,6 +183,9 @@ impl Geometry {
                             interleave4x8(s, a, &mut d[..32]);
                             interleave4x8(s, a.map(|a| a + 8), &mut d[32..]);
                         }
+                        (4, 2, 8, Some(s), Some(d)) if a.iter().all(|&a| a + 16 <= s.len()) => {
+                            interleave4x8_stride2(s, a, d)
+                        }
                         _ => {
                             for (l, quad) in dst.chunks_exact_mut(4).enumerate() {
                                 for (j, v) in quad.iter_mut().enumerate() {
@@ -305,6 +308,43 @@ fn interleave4x8(src: &[u8], at: [usize; 4], dst: &mut [u8]) {
     for l in 0..8 {
         for j in 0..4 {
             dst[4 * l + j] = rows[j][l];
+        }
+    }
+}
+
+/// `dst[4 l + j] = src[at[j] + 2 l]` for `l < 8`: the even bytes of four runs of 16,
+/// interleaved (a stride-2 convolution); every `at[j] + 16` must be within `src`.
+#[inline(always)]
+fn interleave4x8_stride2(src: &[u8], at: [usize; 4], dst: &mut [u8]) {
+    let rows: [&[u8; 16]; 4] = at.map(|a| src[a..a + 16].try_into().expect("16 bytes"));
+    let dst: &mut [u8; 32] = (&mut dst[..32]).try_into().expect("32 bytes");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 is part of x86-64; loads and stores are unaligned ones within the arrays.
+    unsafe {
+        use std::arch::x86_64::*;
+        let low = _mm_set1_epi16(0x00ff);
+        // Keep the even bytes (the low half of each 16-bit lane) and pack them into 8 bytes.
+        let [r0, r1, r2, r3] = rows.map(|r| {
+            let v = _mm_and_si128(_mm_loadu_si128(r.as_ptr().cast()), low);
+            _mm_packus_epi16(v, v)
+        });
+        let a = _mm_unpacklo_epi8(r0, r1);
+        let b = _mm_unpacklo_epi8(r2, r3);
+        _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_unpacklo_epi16(a, b));
+        _mm_storeu_si128(dst.as_mut_ptr().add(16).cast(), _mm_unpackhi_epi16(a, b));
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: NEON is part of aarch64; the loads and the store stay within the arrays.
+    unsafe {
+        use std::arch::aarch64::*;
+        // ld2 splits even and odd bytes.
+        let [r0, r1, r2, r3] = rows.map(|r| vld2_u8(r.as_ptr()).0);
+        vst4_u8(dst.as_mut_ptr(), uint8x8x4_t(r0, r1, r2, r3));
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    for l in 0..8 {
+        for j in 0..4 {
+            dst[4 * l + j] = rows[j][2 * l];
         }
     }
 }
