@@ -236,14 +236,7 @@ pub fn resize_triangle(img: &RgbImage, width: u32, height: u32) -> RgbImage {
             }
             for c in 0..3 {
                 // image clamps to 0..=255 and rounds half away from zero.
-                let v = if t[c] < 0.0 {
-                    0.0
-                } else if t[c] > 255.0 {
-                    255.0
-                } else {
-                    t[c]
-                };
-                px[c] = v.round() as u8;
+                px[c] = t[c].clamp(0.0, 255.0).round() as u8;
             }
         }
     }
