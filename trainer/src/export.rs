@@ -91,9 +91,9 @@ pub fn verify(
     inputs: &[Vec<f32>],
     burn_logits: &[Vec<f32>],
 ) -> Result<Verification> {
-    let plan = load_checked(onnx, manifest)?
-        .into_optimized()
-        .and_then(|m| m.into_runnable())
+    // The daemon's own path (tract's optimisation plus polypwatch's rewrites), so the check
+    // covers what will run.
+    let plan = polypwatch::model::optimize(load_checked(onnx, manifest)?)
         .map_err(|e| anyhow::anyhow!("tract cannot optimise {}: {e:#}", onnx.display()))?;
     let (h, w) = (
         manifest.preprocess.height as usize,
