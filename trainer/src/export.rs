@@ -14,7 +14,7 @@ use polypwatch::manifest::{
 use polypwatch::metrics::Confusion;
 use polypwatch::model::{Segmenter, load_checked};
 use polypwatch::preprocess::Recipe;
-use tract_onnx::prelude::{IntoRunnable, tvec};
+use tract_onnx::prelude::tvec;
 
 use crate::eval::{run_config, weights_path};
 use crate::quant;
