@@ -164,9 +164,7 @@ impl Segmenter {
         }
         let tensor = Tensor::from_shape(&[1, 3, h, w], input)
             .map_err(|e| ModelError::Run(format!("{e:#}")))?;
-        let out = self
-            .plan
-            .run(tvec!(tensor.into()))
+        let out = crate::accel::on_tract_threads(|| self.plan.run(tvec!(tensor.into())))
             .map_err(|e| ModelError::Run(format!("{e:#}")))?;
         let view = out[0]
             .to_plain_array_view::<f32>()

@@ -72,8 +72,8 @@ impl Layout {
 }
 
 /// Convolution geometry of one 2-D, single-group im2col on a concrete input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Geometry {
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Geometry {
     c: usize,
     h: usize,
     w: usize,
@@ -90,7 +90,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(spec: &PoolSpec, shape: &[usize]) -> TractResult<Geometry> {
+    pub(super) fn new(spec: &PoolSpec, shape: &[usize]) -> TractResult<Geometry> {
         let (c, h, w) = match (spec.data_format, shape) {
             (DataFormat::NCHW, [1, c, h, w]) | (DataFormat::CHW, [c, h, w]) => (*c, *h, *w),
             _ => bail!(
@@ -121,12 +121,36 @@ impl Geometry {
         })
     }
 
-    fn k(&self) -> usize {
+    pub(super) fn k(&self) -> usize {
         self.c * self.kh * self.kw
     }
 
-    fn n(&self) -> usize {
+    pub(super) fn n(&self) -> usize {
         self.oh * self.ow
+    }
+
+    /// Elements of the input this geometry reads.
+    pub(super) fn input_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Output height and width.
+    pub(super) fn out_hw(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// What every im2col of this geometry reads: the padded input and the offset of every tap.
+    pub(super) fn source<T: Copy>(&self, input: &[T], pad: T) -> Source<T> {
+        let (hp, wp, src) = self.padded(input, pad);
+        // Offset of every tap in the padded input, relative to the pixel's top-left tap.
+        let taps: Vec<usize> = (0..self.c)
+            .flat_map(|c| {
+                (0..self.kh).flat_map(move |ky| {
+                    (0..self.kw).map(move |kx| (c * hp + ky * self.dy) * wp + kx * self.dx)
+                })
+            })
+            .collect();
+        Source { wp, src, taps }
     }
 
     /// The input with its padding made explicit, so that every tap of every pixel reads inside
@@ -154,21 +178,22 @@ impl Geometry {
     }
 
     /// The `K4` layout when panels never straddle two output rows (the width is a multiple of
-    /// `r`): for each output row and group of four taps, the four input rows the taps read are
-    /// interleaved into every panel of the row at once.
-    fn write_k4_rows<T: Copy + Default>(
+    /// `r`), for the output rows from `first_row` on that fit in `out`: for each output row and
+    /// group of four taps, the four input rows the taps read are interleaved into every panel
+    /// of the row at once.
+    pub(super) fn write_k4_rows<T: Copy + Default>(
         &self,
-        src: &[T],
-        wp: usize,
-        taps: &[usize],
+        source: &Source<T>,
+        first_row: usize,
         r: usize,
         panel_len: usize,
         out: &mut [T],
     ) {
+        let (src, wp, taps) = (&source.src[..], source.wp, &source.taps[..]);
         let per_row = self.ow / r;
         let sx = self.sx;
-        for (oy, row) in out.chunks_mut(per_row * panel_len).enumerate() {
-            let base = oy * self.sy * wp;
+        for (i, row) in out.chunks_mut(per_row * panel_len).enumerate() {
+            let base = (first_row + i) * self.sy * wp;
             for (g, group) in taps.chunks(4).enumerate() {
                 let mut at = [usize::MAX; 4];
                 for (a, &off) in at.iter_mut().zip(group) {
@@ -185,6 +210,10 @@ impl Geometry {
                         }
                         (4, 2, 8, Some(s), Some(d)) if a.iter().all(|&a| a + 16 <= s.len()) => {
                             interleave4x8_stride2(s, a, d)
+                        }
+                        (4, 2, 16, Some(s), Some(d)) if a.iter().all(|&a| a + 32 <= s.len()) => {
+                            interleave4x8_stride2(s, a, &mut d[..32]);
+                            interleave4x8_stride2(s, a.map(|a| a + 16), &mut d[32..]);
                         }
                         _ => {
                             for (l, quad) in dst.chunks_exact_mut(4).enumerate() {
@@ -208,21 +237,14 @@ impl Geometry {
     fn write<T: Copy + Default>(&self, input: &[T], pad: T, layout: Layout, out: &mut [T]) {
         let (r, k, n) = (layout.r(), self.k(), self.n());
         let panel_len = layout.panel_len(k);
-        let (hp, wp, src) = self.padded(input, pad);
-        // Offset of every tap in the padded input, relative to the pixel's top-left tap.
-        let taps: Vec<usize> = (0..self.c)
-            .flat_map(|c| {
-                (0..self.kh).flat_map(move |ky| {
-                    (0..self.kw).map(move |kx| (c * hp + ky * self.dy) * wp + kx * self.dx)
-                })
-            })
-            .collect();
+        let source = self.source(input, pad);
         if let Layout::K4 { r } = layout
             && self.ow.is_multiple_of(r)
         {
-            self.write_k4_rows(&src, wp, &taps, r, panel_len, out);
+            self.write_k4_rows(&source, 0, r, panel_len, out);
             return;
         }
+        let Source { wp, src, taps } = source;
         let mut bases = vec![0usize; r];
         for (p, panel) in out.chunks_mut(panel_len).enumerate() {
             let first = p * r;
@@ -267,6 +289,13 @@ impl Geometry {
             }
         }
     }
+}
+
+/// The padded input an im2col reads (`wp` wide) and the offset of every tap in it.
+pub(super) struct Source<T> {
+    wp: usize,
+    src: Vec<T>,
+    taps: Vec<usize>,
 }
 
 /// `Some` when `T` is a byte type (the only case the `K4` layout is used for).
@@ -379,6 +408,11 @@ impl PackedIm2Col {
                 k: pof.k,
             }
         })
+    }
+
+    /// The geometry of this im2col on an input of `shape`.
+    pub(super) fn geometry(&self, shape: &[usize]) -> TractResult<Geometry> {
+        Geometry::new(&self.pool_spec, shape)
     }
 
     fn pack(&self, input: &Tensor, pad: Option<&Tensor>) -> TractResult<Tensor> {

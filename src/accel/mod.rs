@@ -9,6 +9,7 @@
 
 pub mod im2col;
 pub mod pad;
+pub mod qconv;
 pub mod quantize;
 pub mod resize;
 
@@ -25,6 +26,8 @@ pub struct Rewrites {
     pub quantize: usize,
     /// Constant `Pad` nodes (float convolutions) now [`pad::Pad`].
     pub pad: usize,
+    /// int8 `PackedIm2col -> OptMatMul` pairs now [`qconv::QConv`] (CPUs with a kernel for it).
+    pub qconv: usize,
 }
 
 /// Applies every rewrite to a model tract has optimised.
@@ -34,6 +37,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         resize: replace_each(model, resize::replacement)?,
         quantize: replace_each(model, quantize::replacement)?,
         pad: replace_each(model, pad::replacement)?,
+        // After `im2col`: it fuses our im2col with the product that reads it.
+        qconv: replace_each_wired(model, qconv::replacement)?,
     })
 }
 
@@ -42,13 +47,23 @@ fn replace_each(
     model: &mut TypedModel,
     replacement: impl Fn(&TypedModel, &TypedNode) -> Option<Box<dyn TypedOp>>,
 ) -> TractResult<usize> {
+    replace_each_wired(model, |model, node| {
+        replacement(model, node).map(|op| (op, node.inputs.iter().copied().collect()))
+    })
+}
+
+/// Replaces every node for which `replacement` offers an operator and the outlets it reads
+/// (same output); nodes left without a consumer are then removed.
+fn replace_each_wired(
+    model: &mut TypedModel,
+    replacement: impl Fn(&TypedModel, &TypedNode) -> Option<(Box<dyn TypedOp>, TVec<OutletId>)>,
+) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(op) = replacement(model, node) else {
+        let Some((op, inputs)) = replacement(model, node) else {
             continue;
         };
-        let inputs = node.inputs.clone();
         TypedModelPatch::replace_single_op(model, node, &inputs, op)?.apply(model)?;
         replaced += 1;
     }
@@ -56,6 +71,40 @@ fn replace_each(
         model.compact()?;
     }
     Ok(replaced)
+}
+
+/// Runs `f` over `0..rows`, split into contiguous ranges shared between tract's threads (the
+/// executor `polypwatch::bench::set_threads` and the daemon configure).
+pub(crate) fn parallel_rows(rows: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    use tract_linalg::multithread::{Executor, current_tract_executor};
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 && rows > 1 => {
+            // A few ranges per thread, so that a thread slowed by another process on its core
+            // does not hold the whole operator back.
+            let chunks = (pool.current_num_threads() * 4).min(rows);
+            let f = &f;
+            pool.scope(|s| {
+                for c in 0..chunks {
+                    s.spawn(move |_| f(c * rows / chunks..(c + 1) * rows / chunks));
+                }
+            });
+        }
+        _ => f(0..rows),
+    }
+}
+
+/// Runs `f` (a model run) on one of tract's threads when there are several.
+///
+/// tract's multithreaded executor is a pool of `threads` workers besides the thread that asks
+/// for a run; on a 2-core board that made three busy threads, and the caller's serial operators
+/// ran slower while a worker spun on its core (int8 frame, 2 threads: 19.5 ms, not faster than
+/// one thread). Inside the pool the caller's work is one of the `threads`.
+pub fn on_tract_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use tract_linalg::multithread::{Executor, current_tract_executor};
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 => pool.install(f),
+        _ => f(),
+    }
 }
 
 /// A shipped model (`models/NAME`), optimised by tract, for the tests of the rewrites.
@@ -68,6 +117,21 @@ pub(crate) fn shipped_model(name: &str) -> TypedModel {
         .model_for_path(path)
         .and_then(|m| m.into_optimized())
         .expect("the shipped model loads")
+}
+
+/// A real frame (a Kvasir-SEG fixture) preprocessed as the shipped int8 model's manifest says.
+#[cfg(test)]
+pub(crate) fn fixture_input() -> Tensor {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest =
+        crate::manifest::Manifest::load(&root.join("models/polypwatch-edge-int8.toml")).unwrap();
+    let image = crate::preprocess::load_rgb(
+        &root.join("tests/fixtures/kvasir-mini/images/cju0qkwl35piu0993l0dewei2.jpg"),
+    )
+    .unwrap();
+    let r = &manifest.preprocess;
+    let x = r.tensor_from_rgb(&image);
+    Tensor::from_shape(&[1, 3, r.height as usize, r.width as usize], &x).unwrap()
 }
 
 #[cfg(test)]

@@ -1,0 +1,858 @@
+//! int8 convolutions on polypwatch's own matrix-product kernel.
+//!
+//! After [`super::im2col`], each int8 convolution of an optimised plan is `PackedIm2col` then
+//! `OptMatMul`: the product of the packed weights with the packed input patches, with the
+//! requantization fused in (bias, zero-point correction, fixed-point scale, clamp). On our
+//! model that pair was 20 of the 27 ms of an int8 frame, the product running tract's VNNI
+//! kernel on 8x8 tiles of 256-bit registers and gaining nothing from a second thread.
+//!
+//! [`QConv`] replaces the pair with one operator that packs the patches of one output row at a
+//! time (so they are still in cache when multiplied), multiplies 16 channels by 16 pixels per
+//! tile, applies tract's fused steps with tract's integer arithmetic (so the output is tract's
+//! to the bit) and shares the rows between tract's threads. The tile kernel is AVX-512 VNNI
+//! (`vpdpbusd`) on x86-64; [`super::rewrite`] only swaps it in where the CPU has it, and the
+//! portable kernel beside it exists so the packing and the fused steps are tested on any CPU.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+use tract_onnx::tract_core::tract_linalg::BinOp;
+use tract_onnx::tract_core::tract_linalg::mmm::{
+    EagerPackedInput, MMMInputValue, OutputStoreSpec, PackedMatrixStorage, RoundingPolicy,
+};
+use tract_onnx::tract_core::tract_linalg::pack::PackedI8K4;
+
+use super::im2col::{Geometry, PackedIm2Col, Source};
+
+/// Output channels per tile (rows of the weight panels).
+const MR: usize = 16;
+/// Output pixels per tile: one 512-bit register of i32 lanes.
+const NR: usize = 16;
+
+/// One fused step after the product, as tract's kernels apply it: `op(operand, accumulator)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Step {
+    /// A value per output channel.
+    PerRow(BinOp, Vec<i32>),
+    Scalar(BinOp, i32),
+    /// tract's `Scaler` on i32: `x * mult >> (shift + 31)` rounded by `policy` (`mult: None`:
+    /// a plain rounding shift, or a left shift where `shift <= 0`).
+    Scale {
+        mult: Option<i32>,
+        shift: isize,
+        policy: RoundingPolicy,
+    },
+}
+
+/// The int8 convolution `PackedIm2col -> OptMatMul` as one operator.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QConv {
+    geo: Geometry,
+    /// The input's zero point as the i8 the padding takes.
+    pad: u8,
+    m: usize,
+    k: usize,
+    /// Weights as `MR`-channel panels of `(k/4) x MR x 4` bytes, rows past `m` zero.
+    weights: Arc<Vec<u8>>,
+    /// `128 * sum_k w[m][k]`: the kernel multiplies `x + 128` (unsigned) by the weights.
+    correction: Vec<i32>,
+    steps: Vec<Step>,
+    out_shape: TVec<usize>,
+    out_dt: DatumType,
+    /// Element strides of the output's channel and pixel axes.
+    row_stride: usize,
+    col_stride: usize,
+    kernel: Kernel,
+}
+
+/// `op(operand, acc)`, as tract's fused kernels define it (`Sub` is operand minus accumulator).
+#[inline(always)]
+fn bin(op: BinOp, operand: i32, acc: i32) -> i32 {
+    match op {
+        BinOp::Add => operand.wrapping_add(acc),
+        BinOp::Sub => operand.wrapping_sub(acc),
+        BinOp::SubF => acc.wrapping_sub(operand),
+        BinOp::Mul => operand.wrapping_mul(acc),
+        BinOp::Min => operand.min(acc),
+        BinOp::Max => operand.max(acc),
+    }
+}
+
+/// tract's rounding of `val / 2^shift` (`shift > 0`) under `policy`, written with the policy
+/// chosen once per row so the loop vectorises.
+#[inline(always)]
+fn round_shift<const N: usize>(vals: &[i64; N], shift: u32, policy: RoundingPolicy) -> [i64; N] {
+    let half = 1i64 << (shift - 1);
+    let mut out = [0i64; N];
+    macro_rules! each {
+        (|$v:ident, $abs:ident| $nudge:expr) => {
+            for (o, &$v) in out.iter_mut().zip(vals) {
+                let $abs = $v.abs();
+                *o = $v.signum() * (($abs + half + $nudge) >> shift);
+            }
+        };
+    }
+    match policy {
+        RoundingPolicy::Zero => each!(|v, a| -1),
+        RoundingPolicy::MinusInf => each!(|v, a| -((v >= 0) as i64)),
+        RoundingPolicy::PlusInf => each!(|v, a| -((v <= 0) as i64)),
+        RoundingPolicy::Away => each!(|v, a| 0),
+        RoundingPolicy::Even => each!(|v, a| ((a >> shift) & 1) - 1),
+        RoundingPolicy::Odd => each!(|v, a| -((a >> shift) & 1)),
+        // Not accepted by `Step::of`.
+        RoundingPolicy::Native => {}
+    }
+    out
+}
+
+impl Step {
+    #[inline(always)]
+    fn apply(&self, row: usize, acc: &mut [i32; NR]) {
+        match self {
+            Step::PerRow(op, values) => {
+                let v = values[row];
+                acc.iter_mut().for_each(|a| *a = bin(*op, v, *a));
+            }
+            Step::Scalar(op, v) => acc.iter_mut().for_each(|a| *a = bin(*op, *v, *a)),
+            Step::Scale {
+                mult: Some(mult),
+                shift,
+                policy,
+            } => {
+                let shift = shift + 31;
+                let wide = acc.map(|a| a as i64 * *mult as i64);
+                let scaled = if shift > 0 {
+                    round_shift(&wide, shift as u32, *policy)
+                } else {
+                    wide.map(|v| v << -shift)
+                };
+                *acc = scaled.map(|v| v as i32);
+            }
+            Step::Scale {
+                mult: None,
+                shift,
+                policy,
+            } => {
+                if *shift > 0 {
+                    // tract's i32 `q_shr`: the same rounding, on i32.
+                    let wide = acc.map(|a| a as i64);
+                    *acc = round_shift(&wide, *shift as u32, *policy).map(|v| v as i32);
+                } else {
+                    acc.iter_mut()
+                        .for_each(|a| *a = a.wrapping_shl(-shift as u32));
+                }
+            }
+        }
+    }
+
+    /// The step for one of tract's fused ops, or `None` where it is not covered.
+    fn of(spec: &ProtoFusedSpec, model: &TypedModel, node: &TypedNode, m: usize) -> Option<Step> {
+        let konst = |i: &usize| -> Option<Vec<i32>> {
+            let fact = model.outlet_fact(*node.inputs.get(*i)?).ok()?;
+            let t = fact.konst.as_ref()?;
+            (t.datum_type() == i32::datum_type()).then(|| {
+                t.try_as_plain_ram()
+                    .ok()?
+                    .as_slice::<i32>()
+                    .ok()
+                    .map(|s| s.to_vec())
+            })?
+        };
+        match spec {
+            ProtoFusedSpec::BinPerRow(i, op, _) => {
+                let v = konst(i)?;
+                (v.len() == m).then_some(Step::PerRow(*op, v))
+            }
+            ProtoFusedSpec::BinScalar(i, op) => match konst(i)?[..] {
+                [v] => Some(Step::Scalar(*op, v)),
+                _ => None,
+            },
+            ProtoFusedSpec::Scaler(s) => (s.policy != RoundingPolicy::Native && s.shift.abs() < 32)
+                .then_some(Step::Scale {
+                    mult: s.mult,
+                    shift: s.shift,
+                    policy: s.policy,
+                }),
+            _ => None,
+        }
+    }
+}
+
+/// The weights `w[m][k]` of a packed `PackedI8K4` operand.
+fn unpack_weights(value: &dyn MMMInputValue) -> Option<(usize, usize, Vec<i8>)> {
+    let eager = value.downcast_ref::<EagerPackedInput>()?;
+    let format = eager.fact.format.downcast_ref::<PackedI8K4>()?;
+    let (m, k, r) = (eager.mn, eager.fact.k, format.r);
+    let bytes = eager.packed.as_bytes();
+    let mut w = vec![0i8; m * k];
+    for mi in 0..m {
+        for ki in 0..k {
+            let at = (mi / r) * eager.panel_bytes + (ki / 4) * r * 4 + (mi % r) * 4 + ki % 4;
+            w[mi * k + ki] = *bytes.get(at)? as i8;
+        }
+    }
+    Some((m, k, w))
+}
+
+impl QConv {
+    /// The replacement for `node`, an `OptMatMul` fed by a [`PackedIm2Col`], where every part of
+    /// it is covered: i8 x i8 with i32 accumulators, constant packed weights, constant fused
+    /// operands, one plain output view.
+    fn replacing(
+        model: &TypedModel,
+        node: &TypedNode,
+        kernel: Kernel,
+    ) -> Option<(QConv, OutletId)> {
+        let op = node.op_as::<OptMatMul>()?;
+        let [
+            ProtoFusedSpec::AddMatMul { a, b, packings, .. },
+            steps @ ..,
+            ProtoFusedSpec::Store(store),
+        ] = &op.micro_ops[..]
+        else {
+            return None;
+        };
+        if op.mmm.len() != 1
+            || op.mmm[0].internal_type() != i32::datum_type()
+            || packings.len() != 1
+            || packings[0].1.is_some()
+        {
+            return None;
+        }
+        // The patches: our im2col, consumed only here.
+        let MatMulOperand::Input(bi) = b else {
+            return None;
+        };
+        let b_outlet = *node.inputs.get(*bi)?;
+        let im2col_node = model.node(b_outlet.node);
+        let im2col = im2col_node.op_as::<PackedIm2Col>()?;
+        if model.outlet_successors(b_outlet).len() != 1 {
+            return None;
+        }
+        let x_outlet = im2col_node.inputs[0];
+        let x = model.outlet_fact(x_outlet).ok()?;
+        if x.datum_type != i8::datum_type() {
+            return None;
+        }
+        let geo = im2col.geometry(x.shape.as_concrete()?).ok()?;
+        let pad = match im2col_node.inputs.get(1) {
+            Some(p) => {
+                let t = model.outlet_fact(*p).ok()?.konst.clone()?;
+                t.cast_to_scalar::<i32>().ok()? as i8 as u8
+            }
+            None => 0,
+        };
+        // The weights.
+        let (m, k, w) = match a {
+            MatMulOperand::Const(v) => unpack_weights(&**v)?,
+            MatMulOperand::Input(ai) => {
+                let t = model
+                    .outlet_fact(*node.inputs.get(*ai)?)
+                    .ok()?
+                    .konst
+                    .clone()?;
+                let storage = t.try_storage_as::<PackedMatrixStorage>().ok()?;
+                (storage.values().len() == 1).then_some(())?;
+                unpack_weights(storage.value())?
+            }
+        };
+        if k != geo.k() || !geo.out_hw().1.is_multiple_of(NR) {
+            return None;
+        }
+        // The output: channels on the m axis, pixels on the n axis, every other axis 1.
+        let [
+            OutputStoreSpec::View {
+                m_axis: Some(ma),
+                n_axis: Some(na),
+                ..
+            },
+        ] = store[..]
+        else {
+            return None;
+        };
+        let out_shape: TVec<usize> = op.c_fact.shape.as_concrete()?.into();
+        let out_dt = op.c_fact.datum_type;
+        if out_shape.get(ma) != Some(&m)
+            || out_shape.get(na) != Some(&geo.n())
+            || out_shape.iter().product::<usize>() != m * geo.n()
+            || ![u8::datum_type(), i8::datum_type(), i32::datum_type()].contains(&out_dt)
+        {
+            return None;
+        }
+        let stride = |axis: usize| out_shape[axis + 1..].iter().product::<usize>();
+        let steps = steps
+            .iter()
+            .map(|s| Step::of(s, model, node, m))
+            .collect::<Option<Vec<_>>>()?;
+        let k4 = k.div_ceil(4);
+        let mut weights = vec![0u8; m.div_ceil(MR) * k4 * MR * 4];
+        let mut correction = vec![0i32; m];
+        for mi in 0..m {
+            let panel = (mi / MR) * k4 * MR * 4;
+            for ki in 0..k {
+                let v = w[mi * k + ki];
+                weights[panel + (ki / 4) * MR * 4 + (mi % MR) * 4 + ki % 4] = v as u8;
+                correction[mi] += 128 * v as i32;
+            }
+        }
+        let (row_stride, col_stride) = (stride(ma), stride(na));
+        let qconv = QConv {
+            geo,
+            pad,
+            m,
+            k,
+            weights: Arc::new(weights),
+            correction,
+            steps,
+            out_shape,
+            out_dt,
+            row_stride,
+            col_stride,
+            kernel,
+        };
+        Some((qconv, x_outlet))
+    }
+
+    fn panel_len(&self) -> usize {
+        self.k.div_ceil(4) * 4 * NR
+    }
+
+    /// Packs, multiplies and finishes output rows `rows` into `out` (the whole output), on
+    /// tile kernel `K`; inlined into one function per kernel so that the fused steps are
+    /// compiled for the kernel's instruction set too.
+    ///
+    /// # Safety
+    /// `out` must point to the output tensor's data, of `out_dt` and `out_shape`; threads
+    /// calling this at once must be given disjoint `rows`; `K` must run on this CPU.
+    #[inline(always)]
+    unsafe fn run_rows_with<K: TileKernel>(
+        &self,
+        source: &Source<u8>,
+        rows: std::ops::Range<usize>,
+        out: *mut u8,
+    ) {
+        let (_, ow) = self.geo.out_hw();
+        let panel_len = self.panel_len();
+        let k4 = self.k.div_ceil(4);
+        let mut patches = vec![0u8; ow / NR * panel_len];
+        for oy in rows {
+            self.geo
+                .write_k4_rows(source, oy, NR, panel_len, &mut patches);
+            for (p, panel) in patches.chunks_exact(panel_len).enumerate() {
+                let n0 = oy * ow + p * NR;
+                for (mp, weights) in self.weights.chunks_exact(k4 * MR * 4).enumerate() {
+                    // SAFETY: both panels hold k4 groups of MR / NR lanes of 4 bytes; the
+                    // tile (mp * MR.., n0..) of the output is this row's.
+                    unsafe { K::tile(self, k4, weights, panel, mp * MR, n0, out) };
+                }
+            }
+        }
+    }
+
+    /// The fused steps and the store of a tile's accumulators, one channel at a time.
+    ///
+    /// # Safety
+    /// As [`QConv::store`].
+    #[inline(always)]
+    unsafe fn finish(&self, acc: &mut [[i32; NR]; MR], m0: usize, n0: usize, out: *mut u8) {
+        for (i, row) in acc.iter_mut().enumerate() {
+            let mi = m0 + i;
+            if mi >= self.m {
+                break;
+            }
+            let c = self.correction[mi];
+            row.iter_mut().for_each(|a| *a = a.wrapping_sub(c));
+            for step in &self.steps {
+                step.apply(mi, row);
+            }
+            // SAFETY: the caller's.
+            unsafe { self.store(out, mi, n0, row) };
+        }
+    }
+
+    /// # Safety
+    /// `out` is the output's data and `(mi, n0..n0 + NR)` inside it.
+    #[inline(always)]
+    unsafe fn store(&self, out: *mut u8, mi: usize, n0: usize, row: &[i32; NR]) {
+        let at = mi * self.row_stride + n0 * self.col_stride;
+        let cs = self.col_stride;
+        // SAFETY: the caller's. tract stores the low byte for 8-bit outputs.
+        unsafe {
+            if self.out_dt == i32::datum_type() {
+                let o = out.cast::<i32>();
+                for (j, &v) in row.iter().enumerate() {
+                    o.add(at + j * cs).write_unaligned(v);
+                }
+            } else if cs == 1 {
+                let bytes = row.map(|v| v as u8);
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.add(at), NR);
+            } else {
+                for (j, &v) in row.iter().enumerate() {
+                    *out.add(at + j * cs) = v as u8;
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`QConv::run_rows_with`].
+    unsafe fn run_rows(&self, source: &Source<u8>, rows: std::ops::Range<usize>, out: *mut u8) {
+        // SAFETY: the caller's; `Kernel::Avx512Vnni` is only chosen where the CPU has it.
+        unsafe {
+            match self.kernel {
+                Kernel::Portable => self.run_rows_with::<Portable>(source, rows, out),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512Vnni => vnni::run_rows(self, source, rows, out),
+            }
+        }
+    }
+
+    fn run(&self, input: &Tensor) -> TractResult<Tensor> {
+        ensure!(
+            input.datum_type() == i8::datum_type() && input.len() == self.geo.input_len(),
+            "QConv: input {:?} does not match the planned convolution",
+            input.shape()
+        );
+        let input = input.try_as_plain_ram()?;
+        let x = input.as_slice::<i8>()?;
+        // SAFETY: i8 and u8 have one layout.
+        let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len()) };
+        let source = self.geo.source(x, self.pad);
+        // SAFETY: `run_rows` writes every element (all rows, all channels).
+        let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, &self.out_shape)? };
+        let ptr = SendPtr(out.as_bytes_mut().as_mut_ptr());
+        let (oh, _) = self.geo.out_hw();
+        super::parallel_rows(oh, |rows| {
+            let ptr = &ptr;
+            // SAFETY: `parallel_rows` hands out disjoint row ranges of this output.
+            unsafe { self.run_rows(&source, rows, ptr.0) }
+        });
+        Ok(out)
+    }
+}
+
+/// The output's data pointer, shared by the threads that write disjoint rows of it.
+struct SendPtr(*mut u8);
+// SAFETY: only used for writes to disjoint elements, within `QConv::run`'s scope.
+unsafe impl Sync for SendPtr {}
+
+/// Which tile kernel a [`QConv`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Plain Rust: for the tests on any CPU, not faster than tract.
+    Portable,
+    /// AVX-512 VNNI (`vpdpbusd` on 512-bit registers).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// A kernel faster than tract's on this CPU, if there is one.
+    pub fn fast() -> Option<Kernel> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            return Some(Kernel::Avx512Vnni);
+        }
+        None
+    }
+}
+
+/// One tile of a [`QConv`]: `acc[i][j] = sum_k (b[k][j] + 128) * a[i][k]` over a panel of
+/// weights (`MR` channels, k4 groups of `MR x 4` signed bytes) and one of patches (`NR`
+/// pixels, k4 groups of `NR x 4` signed bytes, made unsigned by adding 128), then the
+/// correction, the fused steps and the store of output channels `m0..` at pixels `n0..`.
+trait TileKernel {
+    /// # Safety
+    /// `a` and `b` hold at least `k4` groups; `out` is the output's data and the tile inside
+    /// it; the kernel's instructions exist on this CPU.
+    unsafe fn tile(conv: &QConv, k4: usize, a: &[u8], b: &[u8], m0: usize, n0: usize, out: *mut u8);
+}
+
+struct Portable;
+
+impl TileKernel for Portable {
+    #[inline(always)]
+    unsafe fn tile(
+        conv: &QConv,
+        k4: usize,
+        a: &[u8],
+        b: &[u8],
+        m0: usize,
+        n0: usize,
+        out: *mut u8,
+    ) {
+        let mut acc = [[0i32; NR]; MR];
+        for (ga, gb) in a.chunks_exact(MR * 4).zip(b.chunks_exact(NR * 4)).take(k4) {
+            for (row, wa) in acc.iter_mut().zip(ga.chunks_exact(4)) {
+                for (c, xb) in row.iter_mut().zip(gb.chunks_exact(4)) {
+                    for q in 0..4 {
+                        *c += (xb[q] ^ 0x80) as i32 * wa[q] as i8 as i32;
+                    }
+                }
+            }
+        }
+        // SAFETY: the caller's.
+        unsafe { conv.finish(&mut acc, m0, n0, out) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    pub(super) struct Vnni;
+
+    impl TileKernel for Vnni {
+        #[inline(always)]
+        unsafe fn tile(
+            conv: &QConv,
+            k4: usize,
+            a: &[u8],
+            b: &[u8],
+            m0: usize,
+            n0: usize,
+            out: *mut u8,
+        ) {
+            // SAFETY: the caller's.
+            unsafe {
+                let acc = product(k4, a, b);
+                for (i, &acc) in acc.iter().enumerate() {
+                    if m0 + i >= conv.m {
+                        break;
+                    }
+                    finish(conv, acc, m0 + i, n0, out);
+                }
+            }
+        }
+    }
+
+    /// The tile's 16 x 16 products, a register per channel.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn product(k4: usize, a: &[u8], b: &[u8]) -> [__m512i; MR] {
+        assert!(a.len() >= k4 * MR * 4 && b.len() >= k4 * NR * 4);
+        let flip = _mm512_set1_epi8(-128);
+        let mut c = [_mm512_setzero_si512(); MR];
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for s in 0..k4 {
+            // SAFETY: within the panels (asserted above); unaligned loads.
+            unsafe {
+                let x = _mm512_xor_si512(_mm512_loadu_si512(pb.add(s * NR * 4).cast()), flip);
+                let w = pa.add(s * MR * 4).cast::<i32>();
+                for (i, ci) in c.iter_mut().enumerate() {
+                    *ci = _mm512_dpbusd_epi32(*ci, x, _mm512_set1_epi32(w.add(i).read_unaligned()));
+                }
+            }
+        }
+        c
+    }
+
+    /// `op(operand, acc)` lane-wise, as [`super::bin`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn bin(op: BinOp, operand: i32, acc: __m512i) -> __m512i {
+        let v = _mm512_set1_epi32(operand);
+        match op {
+            BinOp::Add => _mm512_add_epi32(v, acc),
+            BinOp::Sub => _mm512_sub_epi32(v, acc),
+            BinOp::SubF => _mm512_sub_epi32(acc, v),
+            BinOp::Mul => _mm512_mullo_epi32(v, acc),
+            BinOp::Min => _mm512_min_epi32(v, acc),
+            BinOp::Max => _mm512_max_epi32(v, acc),
+        }
+    }
+
+    /// [`super::round_shift`] on eight i64 lanes (`0 < shift < 64`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn round_shift(val: __m512i, shift: u32, policy: RoundingPolicy) -> __m512i {
+        let count = _mm_cvtsi32_si128(shift as i32);
+        let abs = _mm512_abs_epi64(val);
+        let one = _mm512_set1_epi64(1);
+        let minus_one = _mm512_set1_epi64(-1);
+        let zero = _mm512_setzero_si512();
+        let parity = || _mm512_and_si512(_mm512_srl_epi64(abs, count), one);
+        let nudge = match policy {
+            RoundingPolicy::Zero => minus_one,
+            RoundingPolicy::Away | RoundingPolicy::Native => zero,
+            RoundingPolicy::MinusInf => {
+                _mm512_maskz_mov_epi64(_mm512_cmpge_epi64_mask(val, zero), minus_one)
+            }
+            RoundingPolicy::PlusInf => {
+                _mm512_maskz_mov_epi64(_mm512_cmple_epi64_mask(val, zero), minus_one)
+            }
+            RoundingPolicy::Even => _mm512_sub_epi64(parity(), one),
+            RoundingPolicy::Odd => _mm512_sub_epi64(zero, parity()),
+        };
+        let half = _mm512_set1_epi64(1i64 << (shift - 1));
+        let q = _mm512_srl_epi64(_mm512_add_epi64(_mm512_add_epi64(abs, half), nudge), count);
+        // signum(val) * q: q is 0 where val is.
+        _mm512_mask_sub_epi64(q, _mm512_cmplt_epi64_mask(val, zero), zero, q)
+    }
+
+    /// [`scale`] for the tests.
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn scale_lanes(
+        acc: __m512i,
+        mult: Option<i32>,
+        shift: isize,
+        policy: RoundingPolicy,
+    ) -> __m512i {
+        scale(acc, mult, shift, policy)
+    }
+
+    /// The steps over i64 lanes, applied to the even and odd i32 lanes of `acc` apart.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn scale(acc: __m512i, mult: Option<i32>, shift: isize, policy: RoundingPolicy) -> __m512i {
+        let (even, odd) = match mult {
+            // Sign-extended products of the even lanes, then of the odd ones.
+            Some(m) => {
+                let m = _mm512_set1_epi64(m as i64);
+                (
+                    _mm512_mul_epi32(acc, m),
+                    _mm512_mul_epi32(_mm512_srli_epi64(acc, 32), m),
+                )
+            }
+            None => (
+                _mm512_srai_epi64(_mm512_slli_epi64(acc, 32), 32),
+                _mm512_srai_epi64(acc, 32),
+            ),
+        };
+        let shift = if mult.is_some() { shift + 31 } else { shift };
+        let (even, odd) = if shift > 0 {
+            (
+                round_shift(even, shift as u32, policy),
+                round_shift(odd, shift as u32, policy),
+            )
+        } else {
+            let count = _mm_cvtsi32_si128(-shift as i32);
+            (_mm512_sll_epi64(even, count), _mm512_sll_epi64(odd, count))
+        };
+        // Low halves back into i32 lanes.
+        _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32))
+    }
+
+    /// Correction, steps and store of output channel `mi` at pixels `n0..n0 + 16`.
+    ///
+    /// # Safety
+    /// As [`QConv::store`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn finish(conv: &QConv, acc: __m512i, mi: usize, n0: usize, out: *mut u8) {
+        let mut acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(conv.correction[mi]));
+        for step in &conv.steps {
+            acc = match step {
+                Step::PerRow(op, values) => bin(*op, values[mi], acc),
+                Step::Scalar(op, v) => bin(*op, *v, acc),
+                Step::Scale {
+                    mult,
+                    shift,
+                    policy,
+                } => scale(acc, *mult, *shift, *policy),
+            };
+        }
+        let at = mi * conv.row_stride + n0 * conv.col_stride;
+        if conv.col_stride == 1 && conv.out_dt != i32::datum_type() {
+            // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
+            unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
+        } else {
+            let mut row = [0i32; NR];
+            // SAFETY: a row is 16 i32; then the caller's.
+            unsafe {
+                _mm512_storeu_si512(row.as_mut_ptr().cast(), acc);
+                conv.store(out, mi, n0, &row);
+            }
+        }
+    }
+
+    /// # Safety
+    /// As `QConv::run_rows_with`, on a CPU with AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    pub(super) unsafe fn run_rows(
+        conv: &QConv,
+        source: &Source<u8>,
+        rows: std::ops::Range<usize>,
+        out: *mut u8,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { conv.run_rows_with::<Vnni>(source, rows, out) }
+    }
+}
+
+impl Op for QConv {
+    fn name(&self) -> StaticName {
+        "QConv".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        Ok(tvec!(self.run(&inputs[0])?.into_tvalue()))
+    }
+}
+
+impl TypedOp for QConv {
+    as_op!();
+
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.out_dt.fact(&*self.out_shape)))
+    }
+}
+
+/// The replacement for `node` and the input it reads, if `node` is an int8 matrix product fed
+/// by our im2col that [`QConv`] covers, and this CPU has a kernel faster than tract's.
+pub(super) fn replacement(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> Option<(Box<dyn TypedOp>, TVec<OutletId>)> {
+    let kernel = Kernel::fast()?;
+    let (op, input) = QConv::replacing(model, node, kernel)?;
+    Some((Box::new(op), tvec!(input)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::{fixture_input, im2col, replace_each, replace_each_wired, shipped_model};
+    use proptest::prelude::*;
+    use tract_onnx::tract_core::tract_linalg::Scaler;
+
+    const POLICIES: [RoundingPolicy; 6] = [
+        RoundingPolicy::Zero,
+        RoundingPolicy::Away,
+        RoundingPolicy::MinusInf,
+        RoundingPolicy::PlusInf,
+        RoundingPolicy::Even,
+        RoundingPolicy::Odd,
+    ];
+
+    /// The shipped int8 model with every convolution on `kernel` gives tract's logits to the
+    /// bit, on a real frame.
+    fn matches_tract_on(kernel: Kernel) {
+        let model = shipped_model("polypwatch-edge-int8.onnx");
+        let reference = model.clone().into_runnable().unwrap();
+        let mut ours = model;
+        replace_each(&mut ours, im2col::replacement).unwrap();
+        let replaced = replace_each_wired(&mut ours, |model, node| {
+            let (op, x) = QConv::replacing(model, node, kernel)?;
+            Some((Box::new(op) as Box<dyn TypedOp>, tvec!(x)))
+        })
+        .unwrap();
+        // The 3x3 and 7x7 convolutions; the 1x1 ones stay tract's.
+        assert_eq!(replaced, 22, "{kernel:?}");
+        let ours = ours.into_runnable().unwrap();
+        let input = fixture_input();
+        let a = reference.run(tvec!(input.clone().into())).unwrap();
+        let b = ours.run(tvec!(input.into())).unwrap();
+        assert!(a[0].as_bytes() == b[0].as_bytes(), "{kernel:?}");
+    }
+
+    #[test]
+    fn portable_kernel_gives_tracts_logits() {
+        matches_tract_on(Kernel::Portable);
+    }
+
+    /// Where this CPU has a fast kernel (AVX-512 VNNI on the x86-64 CI machines); elsewhere
+    /// the rewrite leaves tract's operators, which `rewritten_models_give_tracts_logits`
+    /// covers.
+    #[test]
+    fn fast_kernel_gives_tracts_logits() {
+        match Kernel::fast() {
+            Some(kernel) => matches_tract_on(kernel),
+            None => eprintln!("no fast kernel on this CPU: nothing to compare"),
+        }
+    }
+
+    proptest! {
+        /// The scalar steps round like tract's `Scaler` under every policy.
+        #[test]
+        fn scale_step_is_tracts_scaler(
+            x in any::<i32>(),
+            scale in 1e-6f32..4.0,
+            p in 0usize..6,
+        ) {
+            let policy = POLICIES[p];
+            let scaler = Scaler::new(scale, policy);
+            let step = Step::Scale { mult: scaler.mult, shift: scaler.shift, policy };
+            let mut acc = [x; NR];
+            step.apply(0, &mut acc);
+            prop_assert_eq!(acc[0], x * scaler);
+        }
+    }
+
+    /// The AVX-512 steps give the scalar steps' results lane by lane, every policy, with and
+    /// without a multiplier, right and left shifts.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_steps_equal_scalar_steps() {
+        use std::arch::x86_64::*;
+        if Kernel::fast().is_none() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..2000 {
+            let lanes: [i32; NR] = std::array::from_fn(|_| match round % 3 {
+                0 => next() as i32,
+                1 => (next() as i32) >> 12,
+                _ => (next() % 2001) as i32 - 1000,
+            });
+            let policy = POLICIES[round % 6];
+            let step = match round % 4 {
+                0 | 1 => {
+                    let s = Scaler::new(0.5f32.powi((next() % 20) as i32) * 1.37, policy);
+                    Step::Scale {
+                        mult: s.mult,
+                        shift: s.shift,
+                        policy,
+                    }
+                }
+                2 => Step::Scale {
+                    mult: None,
+                    shift: (next() % 12 + 1) as isize,
+                    policy,
+                },
+                _ => Step::Scale {
+                    mult: None,
+                    shift: -((next() % 4) as isize),
+                    policy,
+                },
+            };
+            let Step::Scale { mult, shift, .. } = step else {
+                unreachable!()
+            };
+            let mut scalar = lanes;
+            step.apply(0, &mut scalar);
+            let mut vector = [0i32; NR];
+            // SAFETY: AVX-512 is present (checked above); 16 i32 in and out.
+            unsafe {
+                let v = vnni::scale_lanes(
+                    _mm512_loadu_si512(lanes.as_ptr().cast()),
+                    mult,
+                    shift,
+                    policy,
+                );
+                _mm512_storeu_si512(vector.as_mut_ptr().cast(), v);
+            }
+            assert_eq!(scalar, vector, "{step:?} on {lanes:?}");
+        }
+    }
+}
