@@ -139,6 +139,76 @@ impl Geometry {
         (self.oh, self.ow)
     }
 
+    /// Whether neighbouring output pixels read neighbouring input pixels (x stride 1), which
+    /// [`Geometry::interleaved`] needs.
+    pub(super) fn unit_x_stride(&self) -> bool {
+        self.sx == 1
+    }
+
+    /// The padded input with channels interleaved by four, `[hp][c4][wp][4]`: the layout in
+    /// which one tap of four channels over 16 neighbouring output pixels (x stride 1) is 64
+    /// neighbouring bytes, so a convolution can read it in place instead of through im2col.
+    /// Channels past `c` repeat the last one (their weights are zero).
+    pub(super) fn interleaved(&self, input: &[u8], pad: u8) -> Interleaved {
+        let hp = (self.oh - 1) * self.sy + (self.kh - 1) * self.dy + 1;
+        let wp = (self.ow - 1) * self.sx + (self.kw - 1) * self.dx + 1;
+        let c4 = self.c.div_ceil(4);
+        let mut data = vec![pad; hp * c4 * wp * 4];
+        // Columns of a padded row that come from the image.
+        let x_lo = self.pad_left.max(0) as usize;
+        let x_hi = ((self.w as isize + self.pad_left).min(wp as isize)).max(x_lo as isize) as usize;
+        let n = x_hi - x_lo;
+        for yp in 0..hp {
+            let y = yp as isize - self.pad_top;
+            if y < 0 || y >= self.h as isize {
+                continue;
+            }
+            for g in 0..c4 {
+                let at = [0, 1, 2, 3].map(|j| {
+                    ((g * 4 + j).min(self.c - 1) * self.h + y as usize) * self.w
+                        + (x_lo as isize - self.pad_left) as usize
+                });
+                let row = (yp * c4 + g) * wp;
+                let dst = &mut data[(row + x_lo) * 4..(row + x_hi) * 4];
+                let mut x = 0;
+                while x + 8 <= n {
+                    interleave4x8(input, at.map(|a| a + x), &mut dst[x * 4..]);
+                    x += 8;
+                }
+                for x in x..n {
+                    for j in 0..4 {
+                        dst[x * 4 + j] = input[at[j] + x];
+                    }
+                }
+            }
+        }
+        Interleaved { c4, wp, data }
+    }
+
+    /// Byte offsets in [`Geometry::interleaved`] of every tap `(ky, kx)`, row-major, from the
+    /// pixel's top-left tap.
+    pub(super) fn interleaved_taps(&self, input: &Interleaved) -> Vec<usize> {
+        let (c4, wp) = (input.c4, input.wp);
+        (0..self.kh)
+            .flat_map(|ky| (0..self.kw).map(move |kx| (ky * self.dy * c4 * wp + kx * self.dx) * 4))
+            .collect()
+    }
+
+    /// Byte offset in [`Geometry::interleaved`] of output pixel `(oy, ox)`'s top-left tap.
+    pub(super) fn interleaved_base(&self, input: &Interleaved, oy: usize, ox: usize) -> usize {
+        (oy * self.sy * input.c4 * input.wp + ox * self.sx) * 4
+    }
+
+    /// Kernel taps (`kh * kw`).
+    pub(super) fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+
+    /// Input channels.
+    pub(super) fn channels(&self) -> usize {
+        self.c
+    }
+
     /// What every im2col of this geometry reads: the padded input and the offset of every tap.
     pub(super) fn source<T: Copy>(&self, input: &[T], pad: T) -> Source<T> {
         let (hp, wp, src) = self.padded(input, pad);
@@ -289,6 +359,15 @@ impl Geometry {
             }
         }
     }
+}
+
+/// The padded input with channels interleaved by four (see [`Geometry::interleaved`]).
+pub(super) struct Interleaved {
+    /// Groups of four channels.
+    pub(super) c4: usize,
+    /// Padded width.
+    pub(super) wp: usize,
+    pub(super) data: Vec<u8>,
 }
 
 /// The padded input an im2col reads (`wp` wide) and the offset of every tap in it.

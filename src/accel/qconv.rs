@@ -24,7 +24,7 @@ use tract_onnx::tract_core::tract_linalg::mmm::{
 };
 use tract_onnx::tract_core::tract_linalg::pack::PackedI8K4;
 
-use super::im2col::{Geometry, PackedIm2Col, Source};
+use super::im2col::{Geometry, Interleaved, PackedIm2Col, Source};
 
 /// Output channels per tile (rows of the weight panels).
 const MR: usize = 16;
@@ -54,7 +54,14 @@ pub struct QConv {
     pad: u8,
     m: usize,
     k: usize,
-    /// Weights as `MR`-channel panels of `(k/4) x MR x 4` bytes, rows past `m` zero.
+    /// Reads the input in place ([`Geometry::interleaved`], x stride 1) rather than through
+    /// an im2col of each output row.
+    direct: bool,
+    /// Groups of four products per output: `k / 4` rounded up through im2col; taps times
+    /// groups of four channels in place.
+    groups: usize,
+    /// Weights as `MR`-channel panels of `groups x MR x 4` bytes (in place: tap-major, then
+    /// channel), rows past `m` and channels past the input's zero.
     weights: Arc<Vec<u8>>,
     /// `128 * sum_k w[m][k]`: the kernel multiplies `x + 128` (unsigned) by the weights.
     correction: Vec<i32>,
@@ -286,14 +293,26 @@ impl QConv {
             .iter()
             .map(|s| Step::of(s, model, node, m))
             .collect::<Option<Vec<_>>>()?;
-        let k4 = k.div_ceil(4);
-        let mut weights = vec![0u8; m.div_ceil(MR) * k4 * MR * 4];
+        let direct = geo.unit_x_stride();
+        let (taps, c) = (geo.taps(), geo.channels());
+        let c4 = c.div_ceil(4);
+        let groups = if direct { taps * c4 } else { k.div_ceil(4) };
+        // Where product `ki` (tract's order: channel, then tap) goes in a panel.
+        let place = |ki: usize| {
+            if direct {
+                let (ci, t) = (ki / taps, ki % taps);
+                (t * c4 + ci / 4) * MR * 4 + ci % 4
+            } else {
+                (ki / 4) * MR * 4 + ki % 4
+            }
+        };
+        let mut weights = vec![0u8; m.div_ceil(MR) * groups * MR * 4];
         let mut correction = vec![0i32; m];
         for mi in 0..m {
-            let panel = (mi / MR) * k4 * MR * 4;
+            let panel = (mi / MR) * groups * MR * 4;
             for ki in 0..k {
                 let v = w[mi * k + ki];
-                weights[panel + (ki / 4) * MR * 4 + (mi % MR) * 4 + ki % 4] = v as u8;
+                weights[panel + place(ki) + (mi % MR) * 4] = v as u8;
                 correction[mi] += 128 * v as i32;
             }
         }
@@ -303,6 +322,8 @@ impl QConv {
             pad,
             m,
             k,
+            direct,
+            groups,
             weights: Arc::new(weights),
             correction,
             steps,
@@ -315,13 +336,9 @@ impl QConv {
         Some((qconv, x_outlet))
     }
 
-    fn panel_len(&self) -> usize {
-        self.k.div_ceil(4) * 4 * NR
-    }
-
-    /// Packs, multiplies and finishes output rows `rows` into `out` (the whole output), on
-    /// tile kernel `K`; inlined into one function per kernel so that the fused steps are
-    /// compiled for the kernel's instruction set too.
+    /// Multiplies and finishes output rows `rows` into `out` (the whole output), on tile
+    /// kernel `K`; inlined into one function per kernel so that the fused steps are compiled
+    /// for the kernel's instruction set too.
     ///
     /// # Safety
     /// `out` must point to the output tensor's data, of `out_dt` and `out_shape`; threads
@@ -329,23 +346,50 @@ impl QConv {
     #[inline(always)]
     unsafe fn run_rows_with<K: TileKernel>(
         &self,
-        source: &Source<u8>,
+        input: &Input,
         rows: std::ops::Range<usize>,
         out: *mut u8,
     ) {
         let (_, ow) = self.geo.out_hw();
-        let panel_len = self.panel_len();
-        let k4 = self.k.div_ceil(4);
-        let mut patches = vec![0u8; ow / NR * panel_len];
-        for oy in rows {
-            self.geo
-                .write_k4_rows(source, oy, NR, panel_len, &mut patches);
-            for (p, panel) in patches.chunks_exact(panel_len).enumerate() {
-                let n0 = oy * ow + p * NR;
-                for (mp, weights) in self.weights.chunks_exact(k4 * MR * 4).enumerate() {
-                    // SAFETY: both panels hold k4 groups of MR / NR lanes of 4 bytes; the
-                    // tile (mp * MR.., n0..) of the output is this row's.
-                    unsafe { K::tile(self, k4, weights, panel, mp * MR, n0, out) };
+        let panel_weights = self.groups * MR * 4;
+        match input {
+            Input::Interleaved(x) => {
+                let taps = self.geo.interleaved_taps(x);
+                for oy in rows {
+                    for ox in (0..ow).step_by(NR) {
+                        let b = Patches {
+                            data: &x.data,
+                            base: self.geo.interleaved_base(x, oy, ox),
+                            taps: &taps,
+                            groups: x.c4,
+                            stride: x.wp * 4,
+                        };
+                        for (mp, a) in self.weights.chunks_exact(panel_weights).enumerate() {
+                            // SAFETY: the tile (mp * MR.., oy * ow + ox..) is this row's.
+                            unsafe { K::tile(self, a, &b, mp * MR, oy * ow + ox, out) };
+                        }
+                    }
+                }
+            }
+            Input::Im2col(source) => {
+                let panel_len = self.groups * 4 * NR;
+                let mut patches = vec![0u8; ow / NR * panel_len];
+                for oy in rows {
+                    self.geo
+                        .write_k4_rows(source, oy, NR, panel_len, &mut patches);
+                    for (p, panel) in patches.chunks_exact(panel_len).enumerate() {
+                        let b = Patches {
+                            data: panel,
+                            base: 0,
+                            taps: &[0],
+                            groups: self.groups,
+                            stride: NR * 4,
+                        };
+                        for (mp, a) in self.weights.chunks_exact(panel_weights).enumerate() {
+                            // SAFETY: the tile (mp * MR.., oy * ow + p * NR..) is this row's.
+                            unsafe { K::tile(self, a, &b, mp * MR, oy * ow + p * NR, out) };
+                        }
+                    }
                 }
             }
         }
@@ -398,13 +442,13 @@ impl QConv {
 
     /// # Safety
     /// As [`QConv::run_rows_with`].
-    unsafe fn run_rows(&self, source: &Source<u8>, rows: std::ops::Range<usize>, out: *mut u8) {
+    unsafe fn run_rows(&self, input: &Input, rows: std::ops::Range<usize>, out: *mut u8) {
         // SAFETY: the caller's; `Kernel::Avx512Vnni` is only chosen where the CPU has it.
         unsafe {
             match self.kernel {
-                Kernel::Portable => self.run_rows_with::<Portable>(source, rows, out),
+                Kernel::Portable => self.run_rows_with::<Portable>(input, rows, out),
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512Vnni => vnni::run_rows(self, source, rows, out),
+                Kernel::Avx512Vnni => vnni::run_rows(self, input, rows, out),
             }
         }
     }
@@ -419,7 +463,11 @@ impl QConv {
         let x = input.as_slice::<i8>()?;
         // SAFETY: i8 and u8 have one layout.
         let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len()) };
-        let source = self.geo.source(x, self.pad);
+        let input = if self.direct {
+            Input::Interleaved(self.geo.interleaved(x, self.pad))
+        } else {
+            Input::Im2col(self.geo.source(x, self.pad))
+        };
         // SAFETY: `run_rows` writes every element (all rows, all channels).
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, &self.out_shape)? };
         let ptr = SendPtr(out.as_bytes_mut().as_mut_ptr());
@@ -427,9 +475,36 @@ impl QConv {
         super::parallel_rows(oh, |rows| {
             let ptr = &ptr;
             // SAFETY: `parallel_rows` hands out disjoint row ranges of this output.
-            unsafe { self.run_rows(&source, rows, ptr.0) }
+            unsafe { self.run_rows(&input, rows, ptr.0) }
         });
         Ok(out)
+    }
+}
+
+/// A convolution's input as prepared for the tiles.
+enum Input {
+    Interleaved(Interleaved),
+    Im2col(Source<u8>),
+}
+
+/// Where a tile's patches are: for each tap, `groups` runs of `NR x 4` bytes, `stride` apart,
+/// from `base + taps[t]` in `data` (one tap and contiguous runs for an im2col panel).
+struct Patches<'a> {
+    data: &'a [u8],
+    base: usize,
+    taps: &'a [usize],
+    groups: usize,
+    stride: usize,
+}
+
+impl Patches<'_> {
+    /// Whether every run is inside `data`, for weights of `a_len` bytes.
+    fn fits(&self, a_len: usize) -> bool {
+        let last = self.taps.iter().max().copied().unwrap_or(0)
+            + self.groups.saturating_sub(1) * self.stride;
+        self.groups > 0
+            && self.base + last + NR * 4 <= self.data.len()
+            && a_len >= self.taps.len() * self.groups * MR * 4
     }
 }
 
@@ -463,35 +538,32 @@ impl Kernel {
 }
 
 /// One tile of a [`QConv`]: `acc[i][j] = sum_k (b[k][j] + 128) * a[i][k]` over a panel of
-/// weights (`MR` channels, k4 groups of `MR x 4` signed bytes) and one of patches (`NR`
-/// pixels, k4 groups of `NR x 4` signed bytes, made unsigned by adding 128), then the
-/// correction, the fused steps and the store of output channels `m0..` at pixels `n0..`.
+/// weights (`MR` channels, groups of `MR x 4` signed bytes) and the patches of `NR` pixels
+/// (groups of `NR x 4` signed bytes, made unsigned by adding 128), then the correction, the
+/// fused steps and the store of output channels `m0..` at pixels `n0..`.
 trait TileKernel {
     /// # Safety
-    /// `a` and `b` hold at least `k4` groups; `out` is the output's data and the tile inside
-    /// it; the kernel's instructions exist on this CPU.
-    unsafe fn tile(conv: &QConv, k4: usize, a: &[u8], b: &[u8], m0: usize, n0: usize, out: *mut u8);
+    /// `out` is the output's data and the tile inside it; the kernel's instructions exist on
+    /// this CPU.
+    unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8);
 }
 
 struct Portable;
 
 impl TileKernel for Portable {
     #[inline(always)]
-    unsafe fn tile(
-        conv: &QConv,
-        k4: usize,
-        a: &[u8],
-        b: &[u8],
-        m0: usize,
-        n0: usize,
-        out: *mut u8,
-    ) {
+    unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8) {
         let mut acc = [[0i32; NR]; MR];
-        for (ga, gb) in a.chunks_exact(MR * 4).zip(b.chunks_exact(NR * 4)).take(k4) {
-            for (row, wa) in acc.iter_mut().zip(ga.chunks_exact(4)) {
-                for (c, xb) in row.iter_mut().zip(gb.chunks_exact(4)) {
-                    for q in 0..4 {
-                        *c += (xb[q] ^ 0x80) as i32 * wa[q] as i8 as i32;
+        let mut groups = a.chunks_exact(MR * 4);
+        for &tap in b.taps {
+            for g in 0..b.groups {
+                let at = b.base + tap + g * b.stride;
+                let (ga, gb) = (groups.next().expect("weights"), &b.data[at..at + NR * 4]);
+                for (row, wa) in acc.iter_mut().zip(ga.chunks_exact(4)) {
+                    for (c, xb) in row.iter_mut().zip(gb.chunks_exact(4)) {
+                        for q in 0..4 {
+                            *c += (xb[q] ^ 0x80) as i32 * wa[q] as i8 as i32;
+                        }
                     }
                 }
             }
@@ -510,18 +582,10 @@ mod vnni {
 
     impl TileKernel for Vnni {
         #[inline(always)]
-        unsafe fn tile(
-            conv: &QConv,
-            k4: usize,
-            a: &[u8],
-            b: &[u8],
-            m0: usize,
-            n0: usize,
-            out: *mut u8,
-        ) {
+        unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8) {
             // SAFETY: the caller's.
             unsafe {
-                let acc = product(k4, a, b);
+                let acc = product(a, b);
                 for (i, &acc) in acc.iter().enumerate() {
                     if m0 + i >= conv.m {
                         break;
@@ -535,18 +599,25 @@ mod vnni {
     /// The tile's 16 x 16 products, a register per channel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn product(k4: usize, a: &[u8], b: &[u8]) -> [__m512i; MR] {
-        assert!(a.len() >= k4 * MR * 4 && b.len() >= k4 * NR * 4);
+    unsafe fn product(a: &[u8], b: &Patches) -> [__m512i; MR] {
+        assert!(b.fits(a.len()));
         let flip = _mm512_set1_epi8(-128);
         let mut c = [_mm512_setzero_si512(); MR];
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        for s in 0..k4 {
-            // SAFETY: within the panels (asserted above); unaligned loads.
+        let mut pa = a.as_ptr();
+        for &tap in b.taps {
+            // SAFETY: every run and weight group is inside its slice (asserted above);
+            // unaligned loads.
             unsafe {
-                let x = _mm512_xor_si512(_mm512_loadu_si512(pb.add(s * NR * 4).cast()), flip);
-                let w = pa.add(s * MR * 4).cast::<i32>();
-                for (i, ci) in c.iter_mut().enumerate() {
-                    *ci = _mm512_dpbusd_epi32(*ci, x, _mm512_set1_epi32(w.add(i).read_unaligned()));
+                let pb = b.data.as_ptr().add(b.base + tap);
+                for g in 0..b.groups {
+                    let x = _mm512_loadu_si512(pb.add(g * b.stride).cast());
+                    let x = _mm512_xor_si512(x, flip);
+                    let w = pa.cast::<i32>();
+                    for (i, ci) in c.iter_mut().enumerate() {
+                        let wi = _mm512_set1_epi32(w.add(i).read_unaligned());
+                        *ci = _mm512_dpbusd_epi32(*ci, x, wi);
+                    }
+                    pa = pa.add(MR * 4);
                 }
             }
         }
@@ -678,12 +749,12 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     pub(super) unsafe fn run_rows(
         conv: &QConv,
-        source: &Source<u8>,
+        input: &Input,
         rows: std::ops::Range<usize>,
         out: *mut u8,
     ) {
         // SAFETY: the caller's.
-        unsafe { conv.run_rows_with::<Vnni>(source, rows, out) }
+        unsafe { conv.run_rows_with::<Vnni>(input, rows, out) }
     }
 }
 
