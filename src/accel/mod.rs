@@ -93,6 +93,38 @@ pub(crate) fn parallel_rows(rows: usize, f: impl Fn(std::ops::Range<usize>) + Sy
     }
 }
 
+/// Below this many output elements an operator runs on one thread: waking the others costs more.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// A pointer shared by threads that write disjoint parts of what it points to.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: users only write disjoint elements, within the scope of the borrow it came from.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// Calls `f(rows, part)` on disjoint parts of `out`, `row_len` elements a row (the last part
+/// may be short), shared between tract's threads when `out` is large enough to be worth it.
+pub(crate) fn parallel_parts<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
+) {
+    let row_len = row_len.max(1);
+    let rows = out.len().div_ceil(row_len);
+    if out.len() < PARALLEL_MIN {
+        return f(0..rows, out);
+    }
+    let (len, ptr) = (out.len(), SendPtr(out.as_mut_ptr()));
+    parallel_rows(rows, |r| {
+        let start = r.start * row_len;
+        let end = (r.end * row_len).min(len);
+        let ptr = &ptr;
+        // SAFETY: `parallel_rows` hands out disjoint row ranges, so the parts are disjoint and
+        // inside `out`, which is borrowed mutably for the whole call.
+        let part = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), end - start) };
+        f(r, part)
+    });
+}
+
 /// Runs `f` (a model run) on one of tract's threads when there are several.
 ///
 /// tract's multithreaded executor is a pool of `threads` workers besides the thread that asks

@@ -24,6 +24,7 @@ use tract_onnx::tract_core::tract_linalg::mmm::{
 };
 use tract_onnx::tract_core::tract_linalg::pack::PackedI8K4;
 
+use super::SendPtr;
 use super::im2col::{Geometry, Interleaved, PackedIm2Col, Source};
 
 /// Output channels per tile (rows of the weight panels).
@@ -63,9 +64,13 @@ pub struct QConv {
     /// Weights as `MR`-channel panels of `groups x MR x 4` bytes (in place: tap-major, then
     /// channel), rows past `m` and channels past the input's zero.
     weights: Arc<Vec<u8>>,
-    /// `128 * sum_k w[m][k]`: the kernel multiplies `x + 128` (unsigned) by the weights.
-    correction: Vec<i32>,
+    /// Added to every product of channel `m` before `steps`: `-128 * sum_k w[m][k]` (the
+    /// kernel multiplies `x + 128`, unsigned, by the weights), plus tract's leading additive
+    /// steps (bias, zero-point correction), folded in (i32 wrapping sums commute).
+    offset: Vec<i32>,
     steps: Vec<Step>,
+    /// `steps` when they are the usual requantization, for a branch-free epilogue.
+    requant: Option<Requant>,
     out_shape: TVec<usize>,
     out_dt: DatumType,
     /// Element strides of the output's channel and pixel axes.
@@ -184,6 +189,53 @@ impl Step {
                 }),
             _ => None,
         }
+    }
+}
+
+/// tract's usual requantization steps: `max(min(round_even(x * mult >> (shift + 31)) + add,
+/// hi), lo)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Requant {
+    mult: i32,
+    shift: u32,
+    add: i32,
+    hi: i32,
+    lo: i32,
+}
+
+impl Requant {
+    fn of(steps: &[Step]) -> Option<Requant> {
+        let [
+            Step::Scale {
+                mult: Some(mult),
+                shift,
+                policy: RoundingPolicy::Even,
+            },
+            adds @ ..,
+            Step::Scalar(BinOp::Min, hi),
+            Step::Scalar(BinOp::Max, lo),
+        ] = steps
+        else {
+            return None;
+        };
+        let shift = u32::try_from(shift + 31)
+            .ok()
+            .filter(|s| (1..63).contains(s))?;
+        let mut add = 0i32;
+        for step in adds {
+            add = match step {
+                Step::Scalar(BinOp::Add, v) => add.wrapping_add(*v),
+                Step::Scalar(BinOp::SubF, v) => add.wrapping_sub(*v),
+                _ => return None,
+            };
+        }
+        Some(Requant {
+            mult: *mult,
+            shift,
+            add,
+            hi: *hi,
+            lo: *lo,
+        })
     }
 }
 
@@ -316,6 +368,30 @@ impl QConv {
                 correction[mi] += 128 * v as i32;
             }
         }
+        let mut offset: Vec<i32> = correction.iter().map(|c| c.wrapping_neg()).collect();
+        let mut steps = steps;
+        let additive = steps
+            .iter()
+            .take_while(|s| {
+                matches!(
+                    s,
+                    Step::PerRow(BinOp::Add | BinOp::SubF, _)
+                        | Step::Scalar(BinOp::Add | BinOp::SubF, _)
+                )
+            })
+            .count();
+        for step in steps.drain(..additive) {
+            for (mi, o) in offset.iter_mut().enumerate() {
+                *o = match &step {
+                    Step::PerRow(BinOp::Add, v) => o.wrapping_add(v[mi]),
+                    Step::PerRow(_, v) => o.wrapping_sub(v[mi]),
+                    Step::Scalar(BinOp::Add, v) => o.wrapping_add(*v),
+                    Step::Scalar(_, v) => o.wrapping_sub(*v),
+                    Step::Scale { .. } => unreachable!("not additive"),
+                };
+            }
+        }
+        let requant = Requant::of(&steps);
         let (row_stride, col_stride) = (stride(ma), stride(na));
         let qconv = QConv {
             geo,
@@ -325,8 +401,9 @@ impl QConv {
             direct,
             groups,
             weights: Arc::new(weights),
-            correction,
+            offset,
             steps,
+            requant,
             out_shape,
             out_dt,
             row_stride,
@@ -406,8 +483,8 @@ impl QConv {
             if mi >= self.m {
                 break;
             }
-            let c = self.correction[mi];
-            row.iter_mut().for_each(|a| *a = a.wrapping_sub(c));
+            let o = self.offset[mi];
+            row.iter_mut().for_each(|a| *a = a.wrapping_add(o));
             for step in &self.steps {
                 step.apply(mi, row);
             }
@@ -508,11 +585,6 @@ impl Patches<'_> {
     }
 }
 
-/// The output's data pointer, shared by the threads that write disjoint rows of it.
-struct SendPtr(*mut u8);
-// SAFETY: only used for writes to disjoint elements, within `QConv::run`'s scope.
-unsafe impl Sync for SendPtr {}
-
 /// Which tile kernel a [`QConv`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -584,15 +656,7 @@ mod vnni {
         #[inline(always)]
         unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8) {
             // SAFETY: the caller's.
-            unsafe {
-                let acc = product(a, b);
-                for (i, &acc) in acc.iter().enumerate() {
-                    if m0 + i >= conv.m {
-                        break;
-                    }
-                    finish(conv, acc, m0 + i, n0, out);
-                }
-            }
+            unsafe { finish(conv, &product(a, b), m0, n0, out) }
         }
     }
 
@@ -711,35 +775,71 @@ mod vnni {
         _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32))
     }
 
-    /// Correction, steps and store of output channel `mi` at pixels `n0..n0 + 16`.
+    /// Offset, steps and store of output channels `m0..m0 + 16` at pixels `n0..n0 + 16`.
     ///
     /// # Safety
     /// As [`QConv::store`].
     #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    unsafe fn finish(conv: &QConv, acc: __m512i, mi: usize, n0: usize, out: *mut u8) {
-        let mut acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(conv.correction[mi]));
-        for step in &conv.steps {
-            acc = match step {
-                Step::PerRow(op, values) => bin(*op, values[mi], acc),
-                Step::Scalar(op, v) => bin(*op, *v, acc),
-                Step::Scale {
-                    mult,
-                    shift,
-                    policy,
-                } => scale(acc, *mult, *shift, *policy),
+    unsafe fn finish(conv: &QConv, tile: &[__m512i; MR], m0: usize, n0: usize, out: *mut u8) {
+        let bytes = conv.col_stride == 1 && conv.out_dt != i32::datum_type();
+        let rows = MR.min(conv.m - m0);
+        if let (Some(rq), true) = (conv.requant, bytes) {
+            let mult = _mm512_set1_epi64(rq.mult as i64);
+            let count = _mm_cvtsi32_si128(rq.shift as i32);
+            let half_minus_one = _mm512_set1_epi64((1i64 << (rq.shift - 1)) - 1);
+            let one = _mm512_set1_epi64(1);
+            let zero = _mm512_setzero_si512();
+            let (add, hi, lo) = (
+                _mm512_set1_epi32(rq.add),
+                _mm512_set1_epi32(rq.hi),
+                _mm512_set1_epi32(rq.lo),
+            );
+            // round_shift for Even: (|v| + half - 1 + parity) >> shift, signed like v.
+            let round = |v: __m512i| {
+                let abs = _mm512_abs_epi64(v);
+                let parity = _mm512_and_si512(_mm512_srl_epi64(abs, count), one);
+                let q = _mm512_add_epi64(_mm512_add_epi64(abs, half_minus_one), parity);
+                let q = _mm512_srl_epi64(q, count);
+                _mm512_mask_sub_epi64(q, _mm512_cmplt_epi64_mask(v, zero), zero, q)
             };
+            for (i, &acc) in tile.iter().enumerate().take(rows) {
+                let mi = m0 + i;
+                let acc = _mm512_add_epi32(acc, _mm512_set1_epi32(conv.offset[mi]));
+                let even = round(_mm512_mul_epi32(acc, mult));
+                let odd = round(_mm512_mul_epi32(_mm512_srli_epi64(acc, 32), mult));
+                let acc = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+                let acc = _mm512_max_epi32(_mm512_min_epi32(_mm512_add_epi32(acc, add), hi), lo);
+                let at = mi * conv.row_stride + n0;
+                // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
+                unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
+            }
+            return;
         }
-        let at = mi * conv.row_stride + n0 * conv.col_stride;
-        if conv.col_stride == 1 && conv.out_dt != i32::datum_type() {
-            // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
-            unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
-        } else {
-            let mut row = [0i32; NR];
-            // SAFETY: a row is 16 i32; then the caller's.
-            unsafe {
-                _mm512_storeu_si512(row.as_mut_ptr().cast(), acc);
-                conv.store(out, mi, n0, &row);
+        for (i, &acc) in tile.iter().enumerate().take(rows) {
+            let mi = m0 + i;
+            let mut acc = _mm512_add_epi32(acc, _mm512_set1_epi32(conv.offset[mi]));
+            for step in &conv.steps {
+                acc = match step {
+                    Step::PerRow(op, values) => bin(*op, values[mi], acc),
+                    Step::Scalar(op, v) => bin(*op, *v, acc),
+                    Step::Scale {
+                        mult,
+                        shift,
+                        policy,
+                    } => scale(acc, *mult, *shift, *policy),
+                };
+            }
+            let at = mi * conv.row_stride + n0 * conv.col_stride;
+            if bytes {
+                // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
+                unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
+            } else {
+                let mut row = [0i32; NR];
+                // SAFETY: a row is 16 i32; then the caller's.
+                unsafe {
+                    _mm512_storeu_si512(row.as_mut_ptr().cast(), acc);
+                    conv.store(out, mi, n0, &row);
+                }
             }
         }
     }

@@ -61,7 +61,12 @@ impl EvalOp for Quantize {
         let xs = input.try_as_plain_ram()?.as_slice::<f32>()?;
         // SAFETY: every element is written by `run`.
         let mut out = unsafe { Tensor::uninitialized::<u8>(input.shape())? };
-        self.run(xs, out.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
+        let mut ram = out.try_as_plain_ram_mut()?;
+        let ys = ram.as_slice_mut::<u8>()?;
+        super::parallel_parts(ys, 1 << 14, |rows, part| {
+            let from = rows.start << 14;
+            self.run(&xs[from..from + part.len()], part)
+        });
         Ok(tvec!(out.into_tvalue()))
     }
 }

@@ -50,39 +50,41 @@ impl Axis {
 pub struct Bilinear {
     rows: Axis,
     cols: Axis,
+    /// The column taps split by position, for the two-tap (linear) case.
+    pairs: Option<Pairs>,
+}
+
+/// First and second taps of every output column.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Pairs {
+    i0: Vec<usize>,
+    i1: Vec<usize>,
+    /// Weights as bit patterns, as in [`Axis`].
+    w0: Vec<u32>,
+    w1: Vec<u32>,
 }
 
 impl Bilinear {
-    fn run(&self, input: &[f32], planes: usize, h: usize, w: usize, out: &mut [f32]) {
+    fn new(rows: Axis, cols: Axis) -> Bilinear {
+        let pairs = (cols.window == 2).then(|| {
+            let every = |v: &[usize], k: usize| v.iter().skip(k).step_by(2).copied().collect();
+            let bits = |v: &[u32], k: usize| v.iter().skip(k).step_by(2).copied().collect();
+            Pairs {
+                i0: every(&cols.indices, 0),
+                i1: every(&cols.indices, 1),
+                w0: bits(&cols.weights, 0),
+                w1: bits(&cols.weights, 1),
+            }
+        });
+        Bilinear { rows, cols, pairs }
+    }
+
+    /// Resamples the `h x w` planes of `input` into the planes of `out`.
+    fn run(&self, input: &[f32], h: usize, w: usize, out: &mut [f32]) {
         let (oh, ow) = (self.rows.len_out(), self.cols.len_out());
         let mut tmp = vec![0f32; oh * w];
         let win = self.cols.window;
-        let col_weights: Vec<f32> = self
-            .cols
-            .weights
-            .iter()
-            .map(|&b| f32::from_bits(b))
-            .collect();
-        // Column taps split by position, for the two-tap (linear) case.
-        let pairs = (win == 2).then(|| {
-            let idx = |k: usize| -> Vec<usize> {
-                self.cols
-                    .indices
-                    .iter()
-                    .skip(k)
-                    .step_by(2)
-                    .copied()
-                    .collect()
-            };
-            let wts =
-                |k: usize| -> Vec<f32> { col_weights.iter().skip(k).step_by(2).copied().collect() };
-            ((idx(0), idx(1)), (wts(0), wts(1)))
-        });
-        for (src, dst) in input
-            .chunks_exact(h * w)
-            .zip(out.chunks_exact_mut(oh * ow))
-            .take(planes)
-        {
+        for (src, dst) in input.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
             // Rows first, as tract resamples axis 2 before axis 3.
             for (y, row) in tmp.chunks_exact_mut(w).enumerate() {
                 row.fill(0.0);
@@ -94,11 +96,12 @@ impl Bilinear {
             }
             for (row, out_row) in tmp.chunks_exact(w).zip(dst.chunks_exact_mut(ow)) {
                 let row = &row[..w];
-                if let Some(((i0, i1), (w0, w1))) = &pairs {
+                if let Some(Pairs { i0, i1, w0, w1 }) = &self.pairs {
                     // Linear: two taps per output, added in tract's order from 0.0.
                     for ((((d, &i0), &i1), &w0), &w1) in
                         out_row.iter_mut().zip(i0).zip(i1).zip(w0).zip(w1)
                     {
+                        let (w0, w1) = (f32::from_bits(w0), f32::from_bits(w1));
                         let mut acc = 0.0;
                         if w0 != 0.0 {
                             acc += w0 * row[i0];
@@ -113,10 +116,11 @@ impl Bilinear {
                 for ((d, idx), wts) in out_row
                     .iter_mut()
                     .zip(self.cols.indices.chunks_exact(win))
-                    .zip(col_weights.chunks_exact(win))
+                    .zip(self.cols.weights.chunks_exact(win))
                 {
                     let mut acc = 0.0;
                     for (&i, &wt) in idx.iter().zip(wts) {
+                        let wt = f32::from_bits(wt);
                         if wt != 0.0 {
                             acc += wt * row[i];
                         }
@@ -152,15 +156,14 @@ impl EvalOp for Bilinear {
             self.rows.indices.iter().all(|&i| i < h) && self.cols.indices.iter().all(|&i| i < w),
             "BilinearUpsample: input {h}x{w} does not match the plan"
         );
-        let mut out = Tensor::zero::<f32>(&[n, c, oh, ow])?;
+        // SAFETY: `run` writes every element of every plane.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&[n, c, oh, ow])? };
         let src = input.try_as_plain_ram()?.as_slice::<f32>()?;
-        self.run(
-            src,
-            n * c,
-            h,
-            w,
-            out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-        );
+        let mut ram = out.try_as_plain_ram_mut()?;
+        let dst = ram.as_slice_mut::<f32>()?;
+        super::parallel_parts(dst, oh * ow, |planes, part| {
+            self.run(&src[planes.start * h * w..planes.end * h * w], h, w, part)
+        });
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -213,7 +216,7 @@ pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dy
     }
     let rows = Axis::from_plan(&op.plan_axis(scales[2], i[2], o[2]))?;
     let cols = Axis::from_plan(&op.plan_axis(scales[3], i[3], o[3]))?;
-    Some(Box::new(Bilinear { rows, cols }))
+    Some(Box::new(Bilinear::new(rows, cols)))
 }
 
 #[cfg(test)]
