@@ -1,23 +1,31 @@
 //! int8 convolutions on polypwatch's own matrix-product kernel.
 //!
-//! After [`super::im2col`], each int8 convolution of an optimised plan is `PackedIm2col` then
-//! `OptMatMul`: the product of the packed weights with the packed input patches, with the
-//! requantization fused in (bias, zero-point correction, fixed-point scale, clamp). On our
-//! model that pair was 20 of the 27 ms of an int8 frame, the product running tract's VNNI
-//! kernel on 8x8 tiles of 256-bit registers and gaining nothing from a second thread.
+//! tract lowers an int8 convolution to an `OptMatMul` (the product of the packed weights with
+//! the packed input patches, requantization fused in: bias, zero-point correction, fixed-point
+//! scale, clamp) fed by an im2col (3x3, 7x7; [`super::im2col`]) or by a packing of the input
+//! (1x1). On our model that was 20 of the 27 ms of an int8 frame, the product running tract's
+//! VNNI kernel on 8x8 tiles of 256-bit registers and gaining nothing from a second thread.
 //!
-//! [`QConv`] replaces the pair with one operator that packs the patches of one output row at a
-//! time (so they are still in cache when multiplied), multiplies 16 channels by 16 pixels per
-//! tile, applies tract's fused steps with tract's integer arithmetic (so the output is tract's
-//! to the bit) and shares the rows between tract's threads. The tile kernel is AVX-512 VNNI
-//! (`vpdpbusd`) on x86-64; [`super::rewrite`] only swaps it in where the CPU has it, and the
-//! portable kernel beside it exists so the packing and the fused steps are tested on any CPU.
+//! [`QConv`] replaces the product and what feeds it with one operator. Convolutions with x
+//! stride 1 read their input in place: it is interleaved by four channels once
+//! ([`super::im2col::Geometry::interleaved`]), after which one tap of four channels over 16
+//! neighbouring output pixels is 64 neighbouring bytes. Strided ones still go through an im2col,
+//! one output row at a time so that the patches are in cache when multiplied. Tiles are 16
+//! channels by 16 pixels; tract's fused steps follow with tract's integer arithmetic, so the
+//! output is tract's to the bit, and the output rows are shared between tract's threads.
+//!
+//! The tile kernel is AVX-512 VNNI (`vpdpbusd`) on x86-64; [`super::rewrite`] only swaps
+//! [`QConv`] in where the CPU has it. The portable kernel beside it exists so that the layouts
+//! and the fused steps are tested on any CPU (aarch64 under qemu in CI); an aarch64 dot-product
+//! kernel would slot in beside it.
 
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::tract_linalg::BinOp;
 use tract_onnx::tract_core::tract_linalg::mmm::{
     EagerPackedInput, MMMInputValue, OutputStoreSpec, PackedMatrixStorage, RoundingPolicy,
@@ -160,7 +168,13 @@ impl Step {
     }
 
     /// The step for one of tract's fused ops, or `None` where it is not covered.
-    fn of(spec: &ProtoFusedSpec, model: &TypedModel, node: &TypedNode, m: usize) -> Option<Step> {
+    fn of(
+        spec: &ProtoFusedSpec,
+        model: &TypedModel,
+        node: &TypedNode,
+        m: usize,
+        weights_are_a: bool,
+    ) -> Option<Step> {
         let konst = |i: &usize| -> Option<Vec<i32>> {
             let fact = model.outlet_fact(*node.inputs.get(*i)?).ok()?;
             let t = fact.konst.as_ref()?;
@@ -173,7 +187,12 @@ impl Step {
             })?
         };
         match spec {
-            ProtoFusedSpec::BinPerRow(i, op, _) => {
+            // Per output channel: rows when the weights are the left operand, else columns.
+            ProtoFusedSpec::BinPerRow(i, op, _) if weights_are_a => {
+                let v = konst(i)?;
+                (v.len() == m).then_some(Step::PerRow(*op, v))
+            }
+            ProtoFusedSpec::BinPerCol(i, op, _) if !weights_are_a => {
                 let v = konst(i)?;
                 (v.len() == m).then_some(Step::PerRow(*op, v))
             }
@@ -189,6 +208,77 @@ impl Step {
                 }),
             _ => None,
         }
+    }
+}
+
+impl QConv {
+    /// Whether a matrix-product operand is a constant.
+    fn is_const(model: &TypedModel, node: &TypedNode, operand: &MatMulOperand) -> bool {
+        match operand {
+            MatMulOperand::Const(_) => true,
+            MatMulOperand::Input(i) => node
+                .inputs
+                .get(*i)
+                .and_then(|o| model.outlet_fact(*o).ok())
+                .is_some_and(|f| f.konst.is_some()),
+        }
+    }
+
+    /// The geometry, input and padding byte behind the patches at `outlet`: our im2col, or
+    /// tract's packing of an NCHW input with `k` channels for a 1x1 convolution.
+    fn patches_source(
+        model: &TypedModel,
+        outlet: OutletId,
+        k: usize,
+    ) -> Option<(Geometry, OutletId, u8)> {
+        let node = model.node(outlet.node);
+        let x_outlet = *node.inputs.first()?;
+        let x = model.outlet_fact(x_outlet).ok()?;
+        let shape = x.shape.as_concrete()?;
+        if x.datum_type != i8::datum_type() {
+            return None;
+        }
+        if let Some(im2col) = node.op_as::<PackedIm2Col>() {
+            let geo = im2col.geometry(shape).ok()?;
+            let pad = match node.inputs.get(1) {
+                Some(p) => {
+                    let t = model.outlet_fact(*p).ok()?.konst.clone()?;
+                    t.cast_to_scalar::<i32>().ok()? as i8 as u8
+                }
+                None => 0,
+            };
+            return Some((geo, x_outlet, pad));
+        }
+        if node.op.name() != "OptMatMulPack" {
+            return None;
+        }
+        // tract does not expose the packed axes; its Debug output names them. Anything but the
+        // channels as k and the columns as mn of an NCHW input is left to tract.
+        let debug = format!("{:?}", node.op);
+        let field = |name: &str| -> Option<usize> {
+            let rest = debug.split(&format!("{name}: ")).nth(1)?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        let &[1, c, h, w] = shape else {
+            return None;
+        };
+        if field("k_axis")? != 1 || field("mn_axis")? != 3 || c != k {
+            return None;
+        }
+        let spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(1, 1),
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: None,
+            input_channels: c,
+            output_channels: 0,
+        };
+        let geo = Geometry::new(&spec, &[1, c, h, w]).ok()?;
+        Some((geo, x_outlet, 0))
     }
 }
 
@@ -256,9 +346,10 @@ fn unpack_weights(value: &dyn MMMInputValue) -> Option<(usize, usize, Vec<i8>)> 
 }
 
 impl QConv {
-    /// The replacement for `node`, an `OptMatMul` fed by a [`PackedIm2Col`], where every part of
-    /// it is covered: i8 x i8 with i32 accumulators, constant packed weights, constant fused
-    /// operands, one plain output view.
+    /// The replacement for `node`, an int8 convolution's `OptMatMul`, where every part of it is
+    /// covered: i8 x i8 with i32 accumulators, constant packed weights on one side, on the
+    /// other the patches of our im2col or the packed input of a 1x1 convolution, consumed only
+    /// here; constant fused operands; a plain NCHW output. Returns the op and the input it reads.
     fn replacing(
         model: &TypedModel,
         node: &TypedNode,
@@ -280,35 +371,17 @@ impl QConv {
         {
             return None;
         }
-        // The patches: our im2col, consumed only here.
-        let MatMulOperand::Input(bi) = b else {
-            return None;
+        // Which side the weights are on: tract puts them on either.
+        let (weights, patches, weights_are_a) = match (a, b) {
+            (_, MatMulOperand::Input(bi)) if Self::is_const(model, node, a) => (a, *bi, true),
+            (MatMulOperand::Input(ai), _) if Self::is_const(model, node, b) => (b, *ai, false),
+            _ => return None,
         };
-        let b_outlet = *node.inputs.get(*bi)?;
-        let im2col_node = model.node(b_outlet.node);
-        let im2col = im2col_node.op_as::<PackedIm2Col>()?;
-        if model.outlet_successors(b_outlet).len() != 1 {
-            return None;
-        }
-        let x_outlet = im2col_node.inputs[0];
-        let x = model.outlet_fact(x_outlet).ok()?;
-        if x.datum_type != i8::datum_type() {
-            return None;
-        }
-        let geo = im2col.geometry(x.shape.as_concrete()?).ok()?;
-        let pad = match im2col_node.inputs.get(1) {
-            Some(p) => {
-                let t = model.outlet_fact(*p).ok()?.konst.clone()?;
-                t.cast_to_scalar::<i32>().ok()? as i8 as u8
-            }
-            None => 0,
-        };
-        // The weights.
-        let (m, k, w) = match a {
+        let (m, k, w) = match weights {
             MatMulOperand::Const(v) => unpack_weights(&**v)?,
-            MatMulOperand::Input(ai) => {
+            MatMulOperand::Input(i) => {
                 let t = model
-                    .outlet_fact(*node.inputs.get(*ai)?)
+                    .outlet_fact(*node.inputs.get(*i)?)
                     .ok()?
                     .konst
                     .clone()?;
@@ -317,10 +390,16 @@ impl QConv {
                 unpack_weights(storage.value())?
             }
         };
+        // The patches: our im2col, or tract's packing of a 1x1 convolution's input.
+        let p_outlet = *node.inputs.get(patches)?;
+        if model.outlet_successors(p_outlet).len() != 1 {
+            return None;
+        }
+        let (geo, x_outlet, pad) = Self::patches_source(model, p_outlet, k)?;
         if k != geo.k() || !geo.out_hw().1.is_multiple_of(NR) {
             return None;
         }
-        // The output: channels on the m axis, pixels on the n axis, every other axis 1.
+        // The output: N = 1, then the channels, then the pixels (`[n]` or `[oh, ow]`).
         let [
             OutputStoreSpec::View {
                 m_axis: Some(ma),
@@ -331,19 +410,25 @@ impl QConv {
         else {
             return None;
         };
+        let channel_axis = if weights_are_a { ma } else { na };
         let out_shape: TVec<usize> = op.c_fact.shape.as_concrete()?.into();
         let out_dt = op.c_fact.datum_type;
-        if out_shape.get(ma) != Some(&m)
-            || out_shape.get(na) != Some(&geo.n())
-            || out_shape.iter().product::<usize>() != m * geo.n()
+        let (oh, ow) = geo.out_hw();
+        let before = out_shape.get(..channel_axis)?;
+        let after = out_shape.get(channel_axis + 1..)?;
+        let pixels_ok = after.iter().product::<usize>() == geo.n()
+            && (after == [geo.n()] || after == [oh, ow] || after.iter().all(|&d| d == 1));
+        if out_shape.get(channel_axis) != Some(&m)
+            || before.iter().any(|&d| d != 1)
+            || !pixels_ok
+            || after.iter().product::<usize>() != geo.n()
             || ![u8::datum_type(), i8::datum_type(), i32::datum_type()].contains(&out_dt)
         {
             return None;
         }
-        let stride = |axis: usize| out_shape[axis + 1..].iter().product::<usize>();
         let steps = steps
             .iter()
-            .map(|s| Step::of(s, model, node, m))
+            .map(|s| Step::of(s, model, node, m, weights_are_a))
             .collect::<Option<Vec<_>>>()?;
         let direct = geo.unit_x_stride();
         let (taps, c) = (geo.taps(), geo.channels());
@@ -392,7 +477,7 @@ impl QConv {
             }
         }
         let requant = Requant::of(&steps);
-        let (row_stride, col_stride) = (stride(ma), stride(na));
+        let (row_stride, col_stride) = (geo.n(), 1);
         let qconv = QConv {
             geo,
             pad,
@@ -921,8 +1006,9 @@ mod tests {
             Some((Box::new(op) as Box<dyn TypedOp>, tvec!(x)))
         })
         .unwrap();
-        // The 3x3 and 7x7 convolutions; the 1x1 ones stay tract's.
-        assert_eq!(replaced, 22, "{kernel:?}");
+        // Every convolution but the ASPP's on the pooled 1x1 map and the 64 -> 1 classifier:
+        // 22 through im2col (3x3, 7x7) and 6 1x1 ones (one with the weights on the right).
+        assert_eq!(replaced, 28, "{kernel:?}");
         let ours = ours.into_runnable().unwrap();
         let input = fixture_input();
         let a = reference.run(tvec!(input.clone().into())).unwrap();
