@@ -139,64 +139,81 @@ impl Geometry {
         (self.oh, self.ow)
     }
 
-    /// Whether neighbouring output pixels read neighbouring input pixels (x stride 1), which
-    /// [`Geometry::interleaved`] needs.
-    pub(super) fn unit_x_stride(&self) -> bool {
-        self.sx == 1
-    }
-
-    /// The padded input with channels interleaved by four, `[hp][c4][wp][4]`: the layout in
-    /// which one tap of four channels over 16 neighbouring output pixels (x stride 1) is 64
-    /// neighbouring bytes, so a convolution can read it in place instead of through im2col.
-    /// Channels past `c` repeat the last one (their weights are zero).
+    /// The padded input with channels interleaved by four and columns split by their phase
+    /// modulo the x stride, `[hp][c4][sx][wq][4]` (`wq = ceil(wp / sx)`): the layout in which
+    /// one tap of four channels over 16 neighbouring output pixels is 64 neighbouring bytes,
+    /// so a convolution can read it in place instead of through im2col. Channels past `c`
+    /// repeat the last one (their weights are zero).
     pub(super) fn interleaved(&self, input: &[u8], pad: u8) -> Interleaved {
         let hp = (self.oh - 1) * self.sy + (self.kh - 1) * self.dy + 1;
         let wp = (self.ow - 1) * self.sx + (self.kw - 1) * self.dx + 1;
-        let c4 = self.c.div_ceil(4);
-        let mut data = vec![pad; hp * c4 * wp * 4];
+        let (c4, sx) = (self.c.div_ceil(4), self.sx);
+        let wq = wp.div_ceil(sx);
+        let mut data = vec![pad; hp * c4 * sx * wq * 4];
         // Columns of a padded row that come from the image.
         let x_lo = self.pad_left.max(0) as usize;
         let x_hi = ((self.w as isize + self.pad_left).min(wp as isize)).max(x_lo as isize) as usize;
-        let n = x_hi - x_lo;
         for yp in 0..hp {
             let y = yp as isize - self.pad_top;
             if y < 0 || y >= self.h as isize {
                 continue;
             }
             for g in 0..c4 {
-                let at = [0, 1, 2, 3].map(|j| {
-                    ((g * 4 + j).min(self.c - 1) * self.h + y as usize) * self.w
-                        + (x_lo as isize - self.pad_left) as usize
-                });
-                let row = (yp * c4 + g) * wp;
-                let dst = &mut data[(row + x_lo) * 4..(row + x_hi) * 4];
-                let mut x = 0;
-                while x + 8 <= n {
-                    interleave4x8(input, at.map(|a| a + x), &mut dst[x * 4..]);
-                    x += 8;
-                }
-                for x in x..n {
-                    for j in 0..4 {
-                        dst[x * 4 + j] = input[at[j] + x];
+                let rows =
+                    [0, 1, 2, 3].map(|j| ((g * 4 + j).min(self.c - 1) * self.h) + y as usize);
+                for phase in 0..sx {
+                    // Phase columns q with padded column q * sx + phase in the image.
+                    let q_lo = x_lo.saturating_sub(phase).div_ceil(sx);
+                    let q_hi = x_hi.saturating_sub(phase).div_ceil(sx).min(wq);
+                    if q_hi <= q_lo {
+                        continue;
+                    }
+                    // Input column of q_lo.
+                    let x0 = (q_lo * sx + phase) as isize - self.pad_left;
+                    let at = rows.map(|r| r * self.w + x0 as usize);
+                    let line = ((yp * c4 + g) * sx + phase) * wq;
+                    let dst = &mut data[(line + q_lo) * 4..(line + q_hi) * 4];
+                    let n = q_hi - q_lo;
+                    let mut q = 0;
+                    while q + 8 <= n {
+                        let a = at.map(|a| a + q * sx);
+                        match sx {
+                            1 => interleave4x8(input, a, &mut dst[q * 4..]),
+                            2 if a.iter().all(|&a| a + 16 <= input.len()) => {
+                                interleave4x8_stride2(input, a, &mut dst[q * 4..])
+                            }
+                            _ => break,
+                        }
+                        q += 8;
+                    }
+                    for q in q..n {
+                        for j in 0..4 {
+                            dst[q * 4 + j] = input[at[j] + q * sx];
+                        }
                     }
                 }
             }
         }
-        Interleaved { c4, wp, data }
+        Interleaved { c4, sx, wq, data }
     }
 
     /// Byte offsets in [`Geometry::interleaved`] of every tap `(ky, kx)`, row-major, from the
     /// pixel's top-left tap.
     pub(super) fn interleaved_taps(&self, input: &Interleaved) -> Vec<usize> {
-        let (c4, wp) = (input.c4, input.wp);
+        let row = input.c4 * input.group_stride();
         (0..self.kh)
-            .flat_map(|ky| (0..self.kw).map(move |kx| (ky * self.dy * c4 * wp + kx * self.dx) * 4))
+            .flat_map(|ky| {
+                (0..self.kw).map(move |kx| {
+                    let x = kx * self.dx;
+                    ky * self.dy * row + ((x % self.sx) * input.wq + x / self.sx) * 4
+                })
+            })
             .collect()
     }
 
     /// Byte offset in [`Geometry::interleaved`] of output pixel `(oy, ox)`'s top-left tap.
     pub(super) fn interleaved_base(&self, input: &Interleaved, oy: usize, ox: usize) -> usize {
-        (oy * self.sy * input.c4 * input.wp + ox * self.sx) * 4
+        oy * self.sy * input.c4 * input.group_stride() + ox * 4
     }
 
     /// Kernel taps (`kh * kw`).
@@ -365,9 +382,18 @@ impl Geometry {
 pub(super) struct Interleaved {
     /// Groups of four channels.
     pub(super) c4: usize,
-    /// Padded width.
-    pub(super) wp: usize,
+    /// Column phases (the x stride).
+    sx: usize,
+    /// Columns per phase.
+    wq: usize,
     pub(super) data: Vec<u8>,
+}
+
+impl Interleaved {
+    /// Bytes from one group of four channels to the next, within a padded row.
+    pub(super) fn group_stride(&self) -> usize {
+        self.sx * self.wq * 4
+    }
 }
 
 /// The padded input an im2col reads (`wp` wide) and the offset of every tap in it.
@@ -643,6 +669,49 @@ mod tests {
             strides: Some(tvec!(stride, stride)),
             input_channels: 0,
             output_channels: 0,
+        }
+    }
+
+    /// Every tap of every pixel read from the interleaved layout is the im2col matrix's value,
+    /// for x strides 1, 2 and 3, dilations, padding, channel counts that leave a partial group
+    /// of four and widths that leave partial runs of eight.
+    #[test]
+    fn interleaved_layout_holds_every_tap() {
+        let cases = [
+            (3, 19, 23, 7, 2, 1, 3),
+            (5, 9, 11, 3, 1, 1, 1),
+            (4, 8, 8, 3, 1, 6, 6),
+            (2, 6, 5, 3, 1, 12, 12),
+            (6, 7, 7, 1, 1, 1, 0),
+            (3, 10, 9, 3, 2, 1, 1),
+            (8, 16, 32, 3, 1, 2, 2),
+            (7, 40, 37, 3, 2, 1, 1),
+            (4, 12, 29, 5, 3, 1, 2),
+            (9, 33, 35, 1, 1, 1, 0),
+        ];
+        for (c, h, w, k, stride, dilation, pad) in cases {
+            let geo = Geometry::new(&spec(k, stride, dilation, pad), &[1, c, h, w]).unwrap();
+            let input: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 251) as u8 + 1).collect();
+            let matrix = naive(&geo, &input, 0xEE);
+            let x = geo.interleaved(&input, 0xEE);
+            let taps = geo.interleaved_taps(&x);
+            for oy in 0..geo.oh {
+                for ox in 0..geo.ow {
+                    let base = geo.interleaved_base(&x, oy, ox);
+                    for ci in 0..c {
+                        for (t, &tap) in taps.iter().enumerate() {
+                            let at = base + tap + (ci / 4) * x.group_stride() + ci % 4;
+                            let want = matrix[(ci * taps.len() + t) * geo.n() + oy * geo.ow + ox];
+                            assert_eq!(
+                                x.data[at],
+                                want,
+                                "{:?} pixel {oy},{ox} c {ci} tap {t}",
+                                (c, h, w, k, stride, dilation, pad)
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

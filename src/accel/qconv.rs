@@ -6,13 +6,13 @@
 //! (1x1). On our model that was 20 of the 27 ms of an int8 frame, the product running tract's
 //! VNNI kernel on 8x8 tiles of 256-bit registers and gaining nothing from a second thread.
 //!
-//! [`QConv`] replaces the product and what feeds it with one operator. Convolutions with x
-//! stride 1 read their input in place: it is interleaved by four channels once
-//! ([`super::im2col::Geometry::interleaved`]), after which one tap of four channels over 16
-//! neighbouring output pixels is 64 neighbouring bytes. Strided ones still go through an im2col,
-//! one output row at a time so that the patches are in cache when multiplied. Tiles are 16
-//! channels by 16 pixels; tract's fused steps follow with tract's integer arithmetic, so the
-//! output is tract's to the bit, and the output rows are shared between tract's threads.
+//! [`QConv`] replaces the product and what feeds it with one operator that reads its input in
+//! place, without im2col: the input is interleaved by four channels (and split by column
+//! phase where the x stride is 2) once ([`super::im2col::Geometry::interleaved`]), after which
+//! one tap of four channels over 16 neighbouring output pixels is 64 neighbouring bytes.
+//! Tiles are 16 channels by 16 pixels; tract's fused steps follow with tract's integer
+//! arithmetic, so the output is tract's to the bit, and the output rows are shared between
+//! tract's threads.
 //!
 //! The tile kernel is AVX-512 VNNI (`vpdpbusd`) on x86-64; [`super::rewrite`] only swaps
 //! [`QConv`] in where the CPU has it. The portable kernel beside it exists so that the layouts
@@ -33,7 +33,7 @@ use tract_onnx::tract_core::tract_linalg::mmm::{
 use tract_onnx::tract_core::tract_linalg::pack::PackedI8K4;
 
 use super::SendPtr;
-use super::im2col::{Geometry, Interleaved, PackedIm2Col, Source};
+use super::im2col::{Geometry, Interleaved, PackedIm2Col};
 
 /// Output channels per tile (rows of the weight panels).
 const MR: usize = 16;
@@ -63,14 +63,10 @@ pub struct QConv {
     pad: u8,
     m: usize,
     k: usize,
-    /// Reads the input in place ([`Geometry::interleaved`], x stride 1) rather than through
-    /// an im2col of each output row.
-    direct: bool,
-    /// Groups of four products per output: `k / 4` rounded up through im2col; taps times
-    /// groups of four channels in place.
+    /// Groups of four products per output: taps times groups of four channels.
     groups: usize,
-    /// Weights as `MR`-channel panels of `groups x MR x 4` bytes (in place: tap-major, then
-    /// channel), rows past `m` and channels past the input's zero.
+    /// Weights as `MR`-channel panels of `groups x MR x 4` bytes, tap-major, then channel;
+    /// rows past `m` and channels past the input's zero.
     weights: Arc<Vec<u8>>,
     /// Added to every product of channel `m` before `steps`: `-128 * sum_k w[m][k]` (the
     /// kernel multiplies `x + 128`, unsigned, by the weights), plus tract's leading additive
@@ -430,18 +426,13 @@ impl QConv {
             .iter()
             .map(|s| Step::of(s, model, node, m, weights_are_a))
             .collect::<Option<Vec<_>>>()?;
-        let direct = geo.unit_x_stride();
         let (taps, c) = (geo.taps(), geo.channels());
         let c4 = c.div_ceil(4);
-        let groups = if direct { taps * c4 } else { k.div_ceil(4) };
+        let groups = taps * c4;
         // Where product `ki` (tract's order: channel, then tap) goes in a panel.
         let place = |ki: usize| {
-            if direct {
-                let (ci, t) = (ki / taps, ki % taps);
-                (t * c4 + ci / 4) * MR * 4 + ci % 4
-            } else {
-                (ki / 4) * MR * 4 + ki % 4
-            }
+            let (ci, t) = (ki / taps, ki % taps);
+            (t * c4 + ci / 4) * MR * 4 + ci % 4
         };
         let mut weights = vec![0u8; m.div_ceil(MR) * groups * MR * 4];
         let mut correction = vec![0i32; m];
@@ -483,7 +474,6 @@ impl QConv {
             pad,
             m,
             k,
-            direct,
             groups,
             weights: Arc::new(weights),
             offset,
@@ -508,50 +498,25 @@ impl QConv {
     #[inline(always)]
     unsafe fn run_rows_with<K: TileKernel>(
         &self,
-        input: &Input,
+        input: &Interleaved,
         rows: std::ops::Range<usize>,
         out: *mut u8,
     ) {
         let (_, ow) = self.geo.out_hw();
         let panel_weights = self.groups * MR * 4;
-        match input {
-            Input::Interleaved(x) => {
-                let taps = self.geo.interleaved_taps(x);
-                for oy in rows {
-                    for ox in (0..ow).step_by(NR) {
-                        let b = Patches {
-                            data: &x.data,
-                            base: self.geo.interleaved_base(x, oy, ox),
-                            taps: &taps,
-                            groups: x.c4,
-                            stride: x.wp * 4,
-                        };
-                        for (mp, a) in self.weights.chunks_exact(panel_weights).enumerate() {
-                            // SAFETY: the tile (mp * MR.., oy * ow + ox..) is this row's.
-                            unsafe { K::tile(self, a, &b, mp * MR, oy * ow + ox, out) };
-                        }
-                    }
-                }
-            }
-            Input::Im2col(source) => {
-                let panel_len = self.groups * 4 * NR;
-                let mut patches = vec![0u8; ow / NR * panel_len];
-                for oy in rows {
-                    self.geo
-                        .write_k4_rows(source, oy, NR, panel_len, &mut patches);
-                    for (p, panel) in patches.chunks_exact(panel_len).enumerate() {
-                        let b = Patches {
-                            data: panel,
-                            base: 0,
-                            taps: &[0],
-                            groups: self.groups,
-                            stride: NR * 4,
-                        };
-                        for (mp, a) in self.weights.chunks_exact(panel_weights).enumerate() {
-                            // SAFETY: the tile (mp * MR.., oy * ow + p * NR..) is this row's.
-                            unsafe { K::tile(self, a, &b, mp * MR, oy * ow + p * NR, out) };
-                        }
-                    }
+        let taps = self.geo.interleaved_taps(input);
+        for oy in rows {
+            for ox in (0..ow).step_by(NR) {
+                let b = Patches {
+                    data: &input.data,
+                    base: self.geo.interleaved_base(input, oy, ox),
+                    taps: &taps,
+                    groups: input.c4,
+                    stride: input.group_stride(),
+                };
+                for (mp, a) in self.weights.chunks_exact(panel_weights).enumerate() {
+                    // SAFETY: the tile (mp * MR.., oy * ow + ox..) is this row's.
+                    unsafe { K::tile(self, a, &b, mp * MR, oy * ow + ox, out) };
                 }
             }
         }
@@ -604,7 +569,7 @@ impl QConv {
 
     /// # Safety
     /// As [`QConv::run_rows_with`].
-    unsafe fn run_rows(&self, input: &Input, rows: std::ops::Range<usize>, out: *mut u8) {
+    unsafe fn run_rows(&self, input: &Interleaved, rows: std::ops::Range<usize>, out: *mut u8) {
         // SAFETY: the caller's; `Kernel::Avx512Vnni` is only chosen where the CPU has it.
         unsafe {
             match self.kernel {
@@ -625,11 +590,7 @@ impl QConv {
         let x = input.as_slice::<i8>()?;
         // SAFETY: i8 and u8 have one layout.
         let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len()) };
-        let input = if self.direct {
-            Input::Interleaved(self.geo.interleaved(x, self.pad))
-        } else {
-            Input::Im2col(self.geo.source(x, self.pad))
-        };
+        let input = self.geo.interleaved(x, self.pad);
         // SAFETY: `run_rows` writes every element (all rows, all channels).
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, &self.out_shape)? };
         let ptr = SendPtr(out.as_bytes_mut().as_mut_ptr());
@@ -643,14 +604,8 @@ impl QConv {
     }
 }
 
-/// A convolution's input as prepared for the tiles.
-enum Input {
-    Interleaved(Interleaved),
-    Im2col(Source<u8>),
-}
-
-/// Where a tile's patches are: for each tap, `groups` runs of `NR x 4` bytes, `stride` apart,
-/// from `base + taps[t]` in `data` (one tap and contiguous runs for an im2col panel).
+/// Where a tile's patches are: for each tap, `groups` runs of `NR x 4` bytes (one per group of
+/// four channels), `stride` apart, from `base + taps[t]` in `data`.
 struct Patches<'a> {
     data: &'a [u8],
     base: usize,
@@ -934,7 +889,7 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     pub(super) unsafe fn run_rows(
         conv: &QConv,
-        input: &Input,
+        input: &Interleaved,
         rows: std::ops::Range<usize>,
         out: *mut u8,
     ) {
