@@ -74,19 +74,19 @@ impl Layout {
 /// Convolution geometry of one 2-D, single-group im2col on a concrete input.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct Geometry {
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    sy: usize,
-    sx: usize,
-    dy: usize,
-    dx: usize,
-    pad_top: isize,
-    pad_left: isize,
-    oh: usize,
-    ow: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) sy: usize,
+    pub(super) sx: usize,
+    pub(super) dy: usize,
+    pub(super) dx: usize,
+    pub(super) pad_top: isize,
+    pub(super) pad_left: isize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
 }
 
 impl Geometry {

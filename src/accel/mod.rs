@@ -9,6 +9,7 @@
 
 pub mod im2col;
 pub mod pad;
+pub mod pool;
 pub mod qconv;
 pub mod quantize;
 pub mod resize;
@@ -28,6 +29,10 @@ pub struct Rewrites {
     pub pad: usize,
     /// int8 `PackedIm2col -> OptMatMul` pairs now [`qconv::QConv`] (CPUs with a kernel for it).
     pub qconv: usize,
+    /// Float max pools of dequantized bytes now [`pool::MaxPoolU8`] before the dequantization.
+    pub max_pool: usize,
+    /// u8 `DequantizeLinearF32` nodes now [`pool::Dequantize`].
+    pub dequantize: usize,
 }
 
 /// Applies every rewrite to a model tract has optimised.
@@ -39,7 +44,24 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         pad: replace_each(model, pad::replacement)?,
         // After `im2col`: it fuses our im2col with the product that reads it.
         qconv: replace_each_wired(model, qconv::replacement)?,
+        max_pool: swap_each(model, pool::swap_max_pool)?,
+        dequantize: replace_each(model, pool::dequantize)?,
     })
+}
+
+/// Applies `swap` (a patch of its own making) at every node; counts the nodes it changed.
+fn swap_each(
+    model: &mut TypedModel,
+    swap: impl Fn(&mut TypedModel, usize) -> TractResult<bool>,
+) -> TractResult<usize> {
+    let mut swapped = 0;
+    for id in model.eval_order()? {
+        swapped += swap(model, id)? as usize;
+    }
+    if swapped > 0 {
+        model.compact()?;
+    }
+    Ok(swapped)
 }
 
 /// Replaces every node for which `replacement` offers an operator (same inputs, same output).
@@ -91,6 +113,14 @@ pub(crate) fn parallel_rows(rows: usize, f: impl Fn(std::ops::Range<usize>) + Sy
         }
         _ => f(0..rows),
     }
+}
+
+/// Whether this CPU has AVX-512 F and BW, for the operators that have a copy compiled for them
+/// (the same code, so the same results, on 16 lanes instead of 4).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
 /// Below this many output elements an operator runs on one thread: waking the others costs more.

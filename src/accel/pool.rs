@@ -1,0 +1,290 @@
+//! Max pooling on the int8 model's bytes, and dequantization.
+//!
+//! The int8 export max-pools in float: `QConv -> DequantizeLinear -> MaxPool`, 0.7 ms of a
+//! frame in tract's generic pooling over 32 x 128 x 128 floats. Dequantization
+//! (`(q - zero_point) * scale`, `scale > 0`) is non-decreasing, so the maximum of dequantized
+//! values is the dequantized maximum, to the bit: [`MaxPoolU8`] pools the bytes and the
+//! dequantization follows, on a quarter of the values. [`Dequantize`] is tract's
+//! `DequantizeLinearF32` on u8, vectorised and shared between threads.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::OptMaxPool;
+use tract_onnx::tract_core::ops::quant::DequantizeLinearF32;
+
+use super::im2col::Geometry;
+
+/// Max pooling of a u8 NCHW tensor (2-D, one image); taps outside the image are skipped, as
+/// tract's float pooling skips them (they read minus infinity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MaxPoolU8 {
+    geo: Geometry,
+}
+
+impl MaxPoolU8 {
+    /// Pools the planes of `input` into the planes of `out`.
+    fn run(&self, input: &[u8], out: &mut [u8]) {
+        let g = &self.geo;
+        // The column maxima of a window's rows, padded with zeros (no byte is below) so that
+        // every tap of every output reads inside.
+        let pl = g.pad_left.max(0) as usize;
+        // A negative left padding (cropping) shifts every tap right.
+        let shift = (-g.pad_left).max(0) as usize;
+        let width = ((g.ow - 1) * g.sx + (g.kw - 1) * g.dx + 1 + shift).max(pl + g.w);
+        let mut column = vec![0u8; width];
+        for (src, dst) in input
+            .chunks_exact(g.h * g.w)
+            .zip(out.chunks_exact_mut(g.oh * g.ow))
+        {
+            for (oy, row) in dst.chunks_exact_mut(g.ow).enumerate() {
+                column.fill(0);
+                for ky in 0..g.kh {
+                    let y = (oy * g.sy + ky * g.dy) as isize - g.pad_top;
+                    if (0..g.h as isize).contains(&y) {
+                        let line = &src[y as usize * g.w..][..g.w];
+                        let col = &mut column[pl..pl + g.w];
+                        col.iter_mut()
+                            .zip(line)
+                            .for_each(|(c, &v)| *c = (*c).max(v));
+                    }
+                }
+                for (ox, o) in row.iter_mut().enumerate() {
+                    let at = ox * g.sx + shift;
+                    *o = (0..g.kw).fold(0, |m, kx| m.max(column[at + kx * g.dx]));
+                }
+            }
+        }
+    }
+}
+
+impl Op for MaxPoolU8 {
+    fn name(&self) -> StaticName {
+        "MaxPoolU8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for MaxPoolU8 {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let g = &self.geo;
+        let input = &inputs[0];
+        ensure!(
+            input.shape() == [1, g.c, g.h, g.w],
+            "MaxPoolU8: input {:?} does not match the planned pooling",
+            input.shape()
+        );
+        let src = input.try_as_plain_ram()?;
+        let src = src.as_slice::<u8>()?;
+        // SAFETY: `run` writes every element of every plane.
+        let mut out = unsafe { Tensor::uninitialized::<u8>(&[1, g.c, g.oh, g.ow])? };
+        let mut ram = out.try_as_plain_ram_mut()?;
+        super::parallel_parts(ram.as_slice_mut::<u8>()?, g.oh * g.ow, |planes, part| {
+            self.run(&src[planes.start * g.h * g.w..planes.end * g.h * g.w], part)
+        });
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for MaxPoolU8 {
+    as_op!();
+
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let g = &self.geo;
+        Ok(tvec!(u8::fact([1, g.c, g.oh, g.ow])))
+    }
+}
+
+/// `(q - zero_point) * scale` from u8 to f32, tract's `DequantizeLinearF32` to the bit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Dequantize {
+    scale_bits: u32,
+    zero_point: i32,
+}
+
+impl Dequantize {
+    fn run(&self, xs: &[u8], ys: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx512() {
+            // SAFETY: the CPU has AVX-512 F and BW.
+            return unsafe { self.run_avx512(xs, ys) };
+        }
+        self.run_any(xs, ys)
+    }
+
+    /// [`Dequantize::run_any`] compiled for 16 lanes: the same operations, so the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn run_avx512(&self, xs: &[u8], ys: &mut [f32]) {
+        self.run_any(xs, ys)
+    }
+
+    #[inline(always)]
+    fn run_any(&self, xs: &[u8], ys: &mut [f32]) {
+        let scale = f32::from_bits(self.scale_bits);
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            *y = (x as i32 - self.zero_point) as f32 * scale;
+        }
+    }
+}
+
+impl Op for Dequantize {
+    fn name(&self) -> StaticName {
+        "DequantizeU8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Dequantize {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        let xs = input.try_as_plain_ram()?;
+        let xs = xs.as_slice::<u8>()?;
+        // SAFETY: every element is written below.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(input.shape())? };
+        let mut ram = out.try_as_plain_ram_mut()?;
+        super::parallel_parts(ram.as_slice_mut::<f32>()?, 1 << 14, |rows, part| {
+            let from = rows.start << 14;
+            self.run(&xs[from..from + part.len()], part)
+        });
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Dequantize {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+}
+
+/// tract's dequantization at `node`, if it is one of a plain u8 tensor.
+fn dequantize_of(model: &TypedModel, node: &TypedNode) -> Option<Dequantize> {
+    let op = node.op_as::<DequantizeLinearF32>()?;
+    let input = model.outlet_fact(*node.inputs.first()?).ok()?;
+    (input.datum_type == u8::datum_type() && !input.is_exotic()).then_some(Dequantize {
+        scale_bits: op.scale.to_bits(),
+        zero_point: op.zero_point,
+    })
+}
+
+/// The replacement for `node` if it is tract's dequantization of u8.
+pub(super) fn dequantize(model: &TypedModel, node: &TypedNode) -> Option<Box<dyn TypedOp>> {
+    dequantize_of(model, node).map(|op| Box::new(op) as _)
+}
+
+/// Swaps `Dequantize -> MaxPool` for `MaxPoolU8 -> Dequantize` at `node`, a max pooling whose
+/// input is a dequantization (positive scale) that feeds nothing else. Returns whether it did.
+pub(super) fn swap_max_pool(model: &mut TypedModel, node: usize) -> TractResult<bool> {
+    let pool_node = model.node(node);
+    let Some(pool) = pool_node.op_as::<OptMaxPool>() else {
+        return Ok(false);
+    };
+    let dq_outlet = pool_node.inputs[0];
+    let dq_node = model.node(dq_outlet.node);
+    let Some(dq) = dequantize_of(model, dq_node) else {
+        return Ok(false);
+    };
+    let x = dq_node.inputs[0];
+    let shape = model
+        .outlet_fact(x)?
+        .shape
+        .as_concrete()
+        .map(|s| s.to_vec());
+    let geo = shape.and_then(|s| Geometry::new(&pool.pool_spec, &s).ok());
+    let single_use = model.outlet_successors(dq_outlet).len() == 1;
+    let Some(geo) = geo.filter(|g| g.c * g.h * g.w > 0) else {
+        return Ok(false);
+    };
+    if pool.with_index_outputs.is_some()
+        || !single_use
+        || f32::from_bits(dq.scale_bits) <= 0.0
+        || pool.pool_spec.kernel_shape.len() != 2
+    {
+        return Ok(false);
+    }
+    let mut patch = TypedModelPatch::default();
+    let input = patch.tap_model(model, x)?;
+    let pooled = patch.wire_node(
+        format!("{}.u8", pool_node.name),
+        MaxPoolU8 { geo },
+        &[input],
+    )?;
+    let out = patch.wire_node(format!("{}.dequantize", pool_node.name), dq, &pooled)?;
+    patch.shunt_outside(model, OutletId::new(node, 0), out[0])?;
+    patch.apply(model)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::shipped_model;
+
+    /// Our pooling then dequantization gives tract's dequantization then pooling, on the
+    /// shipped int8 model's pooling and on other geometries, for every byte value.
+    #[test]
+    fn pooled_bytes_dequantize_to_tracts_pooled_floats() {
+        let model = shipped_model("polypwatch-edge-int8.onnx");
+        let specs: Vec<_> = model
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<OptMaxPool>().map(|p| p.pool_spec.clone()))
+            .collect();
+        assert_eq!(specs.len(), 1, "the shipped model pools once");
+        let mut cases = vec![(specs[0].clone(), [1usize, 5, 13, 11])];
+        for (k, s, p) in [(2, 2, 0), (3, 1, 1), (3, 2, 0), (5, 3, 2)] {
+            let mut spec = specs[0].clone();
+            spec.kernel_shape = tvec!(k, k);
+            spec.strides = Some(tvec!(s, s));
+            spec.padding =
+                tract_onnx::tract_core::ops::cnn::PaddingSpec::Explicit(tvec!(p, p), tvec!(p, p));
+            cases.push((spec, [1, 3, 17, 20]));
+        }
+        let dq = DequantizeLinearF32 {
+            scale: 0.0496747,
+            zero_point: 3,
+        };
+        for (mut spec, shape) in cases {
+            (spec.input_channels, spec.output_channels) = (shape[1], shape[1]);
+            let n = shape.iter().product::<usize>();
+            let bytes: Vec<u8> = (0..n).map(|i| ((i * 97 + i / 7) % 256) as u8).collect();
+            let x = Tensor::from_shape(&shape, &bytes).unwrap();
+            let theirs = dequantize_then_pool(&spec, shape, &dq);
+            let expected = theirs.clone().into_runnable().unwrap();
+            let expected = expected.run(tvec!(x.clone().into())).unwrap();
+            let mut ours = theirs;
+            let pool = ours
+                .nodes()
+                .iter()
+                .find(|n| n.op_is::<OptMaxPool>())
+                .map(|n| n.id)
+                .unwrap();
+            assert!(swap_max_pool(&mut ours, pool).unwrap(), "{spec:?}");
+            let got = ours.into_runnable().unwrap().run(tvec!(x.into())).unwrap();
+            assert_eq!(expected[0].shape(), got[0].shape(), "{spec:?}");
+            assert!(expected[0].as_bytes() == got[0].as_bytes(), "{spec:?}");
+        }
+    }
+
+    /// tract's plan for `MaxPool(DequantizeLinear(x))`.
+    fn dequantize_then_pool(
+        spec: &tract_onnx::tract_core::ops::cnn::PoolSpec,
+        shape: [usize; 4],
+        dq: &DequantizeLinearF32,
+    ) -> TypedModel {
+        let mut m = TypedModel::default();
+        let s = m.add_source("x", u8::fact(shape)).unwrap();
+        let d = m.wire_node("dq", dq.clone(), &[s]).unwrap();
+        let pool = tract_onnx::tract_core::ops::cnn::MaxPool::new(spec.clone(), None);
+        let o = m.wire_node("pool", pool, &d).unwrap();
+        m.select_output_outlets(&o).unwrap();
+        m.into_optimized().unwrap()
+    }
+}
