@@ -52,6 +52,110 @@ pub struct Bilinear {
     cols: Axis,
     /// The column taps split by position, for the two-tap (linear) case.
     pairs: Option<Pairs>,
+    /// The same taps by 16 outputs at a time, where each 16 read within 16 neighbouring inputs.
+    lanes: Option<Lanes>,
+}
+
+/// Two-tap columns 16 outputs at a time: output `x0 + l` is `w0[l] * in[lo + idx0[l]] +
+/// w1[l] * in[lo + idx1[l]]` (a permutation of one 16-float load), for inputs `w` wide.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Lanes {
+    w: usize,
+    chunks: Vec<Chunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Chunk {
+    lo: usize,
+    idx0: [u32; 16],
+    idx1: [u32; 16],
+    /// Weights as bit patterns; lanes past `len` weigh nothing.
+    w0: [u32; 16],
+    w1: [u32; 16],
+    /// Lanes whose weight is not zero (tract skips the others).
+    nz0: u16,
+    nz1: u16,
+    len: usize,
+}
+
+impl Lanes {
+    fn new(p: &Pairs, w: usize) -> Option<Lanes> {
+        let ow = p.i0.len();
+        let chunks = (0..ow)
+            .step_by(16)
+            .map(|x0| {
+                let len = 16.min(ow - x0);
+                let all = p.i0[x0..x0 + len].iter().chain(&p.i1[x0..x0 + len]);
+                let lo = if w <= 16 {
+                    0
+                } else {
+                    all.clone().min().copied()?.min(w - 16)
+                };
+                if all.clone().any(|&i| i < lo || i >= lo + 16 || i >= w) {
+                    return None;
+                }
+                let mut c = Chunk {
+                    lo,
+                    idx0: [0; 16],
+                    idx1: [0; 16],
+                    w0: [0; 16],
+                    w1: [0; 16],
+                    nz0: 0,
+                    nz1: 0,
+                    len,
+                };
+                for l in 0..len {
+                    let x = x0 + l;
+                    c.idx0[l] = (p.i0[x] - lo) as u32;
+                    c.idx1[l] = (p.i1[x] - lo) as u32;
+                    (c.w0[l], c.w1[l]) = (p.w0[x], p.w1[x]);
+                    c.nz0 |= ((f32::from_bits(p.w0[x]) != 0.0) as u16) << l;
+                    c.nz1 |= ((f32::from_bits(p.w1[x]) != 0.0) as u16) << l;
+                }
+                Some(c)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Lanes { w, chunks })
+    }
+
+    /// The two-tap column pass of one row, 16 outputs per step: `(0.0 + w0 * a) + w1 * b`
+    /// with a zero weight's term left out, as tract adds them (a left-out term adds +0.0 to a
+    /// sum that cannot be -0.0, so the bits are the same).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `row` is `self.w` wide and `out` the chunks' outputs.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn columns(&self, row: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        assert!(row.len() == self.w && out.len() >= self.chunks.iter().map(|c| c.len).sum());
+        let mut padded = [0f32; 16];
+        let row = if self.w < 16 {
+            padded[..self.w].copy_from_slice(row);
+            &padded[..]
+        } else {
+            row
+        };
+        for (c, x0) in self.chunks.iter().zip((0..).step_by(16)) {
+            // SAFETY: lo + 16 <= row.len() (built so) and x0 + len <= out.len() (asserted).
+            unsafe {
+                let src = _mm512_loadu_ps(row.as_ptr().add(c.lo));
+                let load = |v: &[u32; 16]| _mm512_loadu_si512(v.as_ptr().cast());
+                let a = _mm512_permutexvar_ps(load(&c.idx0), src);
+                let b = _mm512_permutexvar_ps(load(&c.idx1), src);
+                let w0 = _mm512_castsi512_ps(load(&c.w0));
+                let w1 = _mm512_castsi512_ps(load(&c.w1));
+                let acc = _mm512_add_ps(_mm512_setzero_ps(), _mm512_maskz_mul_ps(c.nz0, w0, a));
+                let acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(c.nz1, w1, b));
+                let keep = if c.len == 16 {
+                    u16::MAX
+                } else {
+                    (1u16 << c.len) - 1
+                };
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(x0), keep, acc);
+            }
+        }
+    }
 }
 
 /// First and second taps of every output column.
@@ -65,7 +169,8 @@ struct Pairs {
 }
 
 impl Bilinear {
-    fn new(rows: Axis, cols: Axis) -> Bilinear {
+    /// The plan for inputs `w` wide.
+    fn new(rows: Axis, cols: Axis, w: usize) -> Bilinear {
         let pairs = (cols.window == 2).then(|| {
             let every = |v: &[usize], k: usize| v.iter().skip(k).step_by(2).copied().collect();
             let bits = |v: &[u32], k: usize| v.iter().skip(k).step_by(2).copied().collect();
@@ -76,11 +181,34 @@ impl Bilinear {
                 w1: bits(&cols.weights, 1),
             }
         });
-        Bilinear { rows, cols, pairs }
+        let lanes = pairs.as_ref().and_then(|p| Lanes::new(p, w));
+        Bilinear {
+            rows,
+            cols,
+            pairs,
+            lanes,
+        }
     }
 
     /// Resamples the `h x w` planes of `input` into the planes of `out`.
     fn run(&self, input: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx512() {
+            // SAFETY: the CPU has AVX-512 F and BW.
+            return unsafe { self.run_avx512(input, h, w, out) };
+        }
+        self.run_any::<false>(input, h, w, out)
+    }
+
+    /// [`Bilinear::run_any`] compiled for 16 lanes, columns by permutation where possible.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn run_avx512(&self, input: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        self.run_any::<true>(input, h, w, out)
+    }
+
+    #[inline(always)]
+    fn run_any<const AVX512: bool>(&self, input: &[f32], h: usize, w: usize, out: &mut [f32]) {
         let (oh, ow) = (self.rows.len_out(), self.cols.len_out());
         let mut tmp = vec![0f32; oh * w];
         let win = self.cols.window;
@@ -96,6 +224,14 @@ impl Bilinear {
             }
             for (row, out_row) in tmp.chunks_exact(w).zip(dst.chunks_exact_mut(ow)) {
                 let row = &row[..w];
+                #[cfg(target_arch = "x86_64")]
+                if let (true, Some(lanes)) = (AVX512, &self.lanes)
+                    && lanes.w == w
+                {
+                    // SAFETY: AVX512 is only true on CPUs with it; the row is `w` wide.
+                    unsafe { lanes.columns(row, out_row) };
+                    continue;
+                }
                 if let Some(Pairs { i0, i1, w0, w1 }) = &self.pairs {
                     // Linear: two taps per output, added in tract's order from 0.0.
                     for ((((d, &i0), &i1), &w0), &w1) in
@@ -216,7 +352,7 @@ pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dy
     }
     let rows = Axis::from_plan(&op.plan_axis(scales[2], i[2], o[2]))?;
     let cols = Axis::from_plan(&op.plan_axis(scales[3], i[3], o[3]))?;
-    Some(Box::new(Bilinear::new(rows, cols)))
+    Some(Box::new(Bilinear::new(rows, cols, i[3])))
 }
 
 #[cfg(test)]
