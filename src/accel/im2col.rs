@@ -153,47 +153,51 @@ impl Geometry {
         // Columns of a padded row that come from the image.
         let x_lo = self.pad_left.max(0) as usize;
         let x_hi = ((self.w as isize + self.pad_left).min(wp as isize)).max(x_lo as isize) as usize;
-        for yp in 0..hp {
-            let y = yp as isize - self.pad_top;
-            if y < 0 || y >= self.h as isize {
-                continue;
-            }
-            for g in 0..c4 {
-                let rows =
-                    [0, 1, 2, 3].map(|j| ((g * 4 + j).min(self.c - 1) * self.h) + y as usize);
-                for phase in 0..sx {
-                    // Phase columns q with padded column q * sx + phase in the image.
-                    let q_lo = x_lo.saturating_sub(phase).div_ceil(sx);
-                    let q_hi = x_hi.saturating_sub(phase).div_ceil(sx).min(wq);
-                    if q_hi <= q_lo {
-                        continue;
-                    }
-                    // Input column of q_lo.
-                    let x0 = (q_lo * sx + phase) as isize - self.pad_left;
-                    let at = rows.map(|r| r * self.w + x0 as usize);
-                    let line = ((yp * c4 + g) * sx + phase) * wq;
-                    let dst = &mut data[(line + q_lo) * 4..(line + q_hi) * 4];
-                    let n = q_hi - q_lo;
-                    let mut q = 0;
-                    while q + 8 <= n {
-                        let a = at.map(|a| a + q * sx);
-                        match sx {
-                            1 => interleave4x8(input, a, &mut dst[q * 4..]),
-                            2 if a.iter().all(|&a| a + 16 <= input.len()) => {
-                                interleave4x8_stride2(input, a, &mut dst[q * 4..])
-                            }
-                            _ => break,
+        // Padded rows are independent: shared between tract's threads.
+        let row_len = c4 * sx * wq * 4;
+        super::parallel_parts(&mut data, row_len, |rows, part| {
+            for (yp, out) in rows.zip(part.chunks_exact_mut(row_len)) {
+                let y = yp as isize - self.pad_top;
+                if y < 0 || y >= self.h as isize {
+                    continue;
+                }
+                for g in 0..c4 {
+                    let lines =
+                        [0, 1, 2, 3].map(|j| ((g * 4 + j).min(self.c - 1) * self.h) + y as usize);
+                    for phase in 0..sx {
+                        // Phase columns q with padded column q * sx + phase in the image.
+                        let q_lo = x_lo.saturating_sub(phase).div_ceil(sx);
+                        let q_hi = x_hi.saturating_sub(phase).div_ceil(sx).min(wq);
+                        if q_hi <= q_lo {
+                            continue;
                         }
-                        q += 8;
-                    }
-                    for q in q..n {
-                        for j in 0..4 {
-                            dst[q * 4 + j] = input[at[j] + q * sx];
+                        // Input column of q_lo.
+                        let x0 = (q_lo * sx + phase) as isize - self.pad_left;
+                        let at = lines.map(|r| r * self.w + x0 as usize);
+                        let line = (g * sx + phase) * wq;
+                        let dst = &mut out[(line + q_lo) * 4..(line + q_hi) * 4];
+                        let n = q_hi - q_lo;
+                        let mut q = 0;
+                        while q + 8 <= n {
+                            let a = at.map(|a| a + q * sx);
+                            match sx {
+                                1 => interleave4x8(input, a, &mut dst[q * 4..]),
+                                2 if a.iter().all(|&a| a + 16 <= input.len()) => {
+                                    interleave4x8_stride2(input, a, &mut dst[q * 4..])
+                                }
+                                _ => break,
+                            }
+                            q += 8;
+                        }
+                        for q in q..n {
+                            for j in 0..4 {
+                                dst[q * 4 + j] = input[at[j] + q * sx];
+                            }
                         }
                     }
                 }
             }
-        }
+        });
         Interleaved { c4, sx, wq, data }
     }
 
