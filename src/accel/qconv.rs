@@ -291,6 +291,7 @@ struct Requant {
 
 impl Requant {
     fn of(steps: &[Step]) -> Option<Requant> {
+        // `mult > 0` (tract's multipliers are), so that the f64 path's scale is positive.
         let [
             Step::Scale {
                 mult: Some(mult),
@@ -815,6 +816,71 @@ mod vnni {
         _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32))
     }
 
+    /// A [`Requant`]'s constants in registers.
+    pub(super) struct RequantLanes {
+        mult: __m512i,
+        count: __m128i,
+        half_minus_one: __m512i,
+        scale: __m512d,
+        exact: __m512i,
+        add: __m512i,
+        hi: __m512i,
+        lo: __m512i,
+    }
+
+    impl RequantLanes {
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        pub(super) fn new(rq: &Requant) -> RequantLanes {
+            RequantLanes {
+                mult: _mm512_set1_epi64(rq.mult as i64),
+                count: _mm_cvtsi32_si128(rq.shift as i32),
+                half_minus_one: _mm512_set1_epi64((1i64 << (rq.shift - 1)) - 1),
+                scale: _mm512_set1_pd(rq.mult as f64 / (1u64 << rq.shift) as f64),
+                // |acc| up to this keeps |acc| * mult below 2^53.
+                exact: _mm512_set1_epi32(
+                    (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i32,
+                ),
+                add: _mm512_set1_epi32(rq.add),
+                hi: _mm512_set1_epi32(rq.hi),
+                lo: _mm512_set1_epi32(rq.lo),
+            }
+        }
+
+        /// `max(min(round_even(acc * mult / 2^shift) + add, hi), lo)` on 16 lanes.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        pub(super) fn apply(&self, acc: __m512i) -> __m512i {
+            // |i32::MIN| reads as 2^31 unsigned: never within `exact`.
+            let scaled = if _mm512_cmpgt_epu32_mask(_mm512_abs_epi32(acc), self.exact) == 0 {
+                // acc * (mult / 2^shift) is exact in f64 here, and converting it with
+                // round-to-nearest-even is tract's rounding: half the instructions.
+                const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                let lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(acc));
+                let hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(acc));
+                let lo = _mm512_cvt_roundpd_epi32::<NEAREST>(_mm512_mul_pd(lo, self.scale));
+                let hi = _mm512_cvt_roundpd_epi32::<NEAREST>(_mm512_mul_pd(hi, self.scale));
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+            } else {
+                // tract's i64 arithmetic: (|v| + half - 1 + parity) >> shift, signed like v,
+                // on the even then the odd lanes.
+                let (one, zero) = (_mm512_set1_epi64(1), _mm512_setzero_si512());
+                let round = |v: __m512i| {
+                    let abs = _mm512_abs_epi64(v);
+                    let parity = _mm512_and_si512(_mm512_srl_epi64(abs, self.count), one);
+                    let q = _mm512_add_epi64(_mm512_add_epi64(abs, self.half_minus_one), parity);
+                    let q = _mm512_srl_epi64(q, self.count);
+                    _mm512_mask_sub_epi64(q, _mm512_cmplt_epi64_mask(v, zero), zero, q)
+                };
+                let even = round(_mm512_mul_epi32(acc, self.mult));
+                let odd = round(_mm512_mul_epi32(_mm512_srli_epi64(acc, 32), self.mult));
+                _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32))
+            };
+            let added = _mm512_add_epi32(scaled, self.add);
+            _mm512_max_epi32(_mm512_min_epi32(added, self.hi), self.lo)
+        }
+    }
+
     /// Offset, steps and store of output channels `m0..m0 + 16` at pixels `n0..n0 + 16`.
     ///
     /// # Safety
@@ -824,31 +890,10 @@ mod vnni {
         let bytes = conv.col_stride == 1 && conv.out_dt != i32::datum_type();
         let rows = MR.min(conv.m - m0);
         if let (Some(rq), true) = (conv.requant, bytes) {
-            let mult = _mm512_set1_epi64(rq.mult as i64);
-            let count = _mm_cvtsi32_si128(rq.shift as i32);
-            let half_minus_one = _mm512_set1_epi64((1i64 << (rq.shift - 1)) - 1);
-            let one = _mm512_set1_epi64(1);
-            let zero = _mm512_setzero_si512();
-            let (add, hi, lo) = (
-                _mm512_set1_epi32(rq.add),
-                _mm512_set1_epi32(rq.hi),
-                _mm512_set1_epi32(rq.lo),
-            );
-            // round_shift for Even: (|v| + half - 1 + parity) >> shift, signed like v.
-            let round = |v: __m512i| {
-                let abs = _mm512_abs_epi64(v);
-                let parity = _mm512_and_si512(_mm512_srl_epi64(abs, count), one);
-                let q = _mm512_add_epi64(_mm512_add_epi64(abs, half_minus_one), parity);
-                let q = _mm512_srl_epi64(q, count);
-                _mm512_mask_sub_epi64(q, _mm512_cmplt_epi64_mask(v, zero), zero, q)
-            };
+            let rq = RequantLanes::new(&rq);
             for (i, &acc) in tile.iter().enumerate().take(rows) {
                 let mi = m0 + i;
-                let acc = _mm512_add_epi32(acc, _mm512_set1_epi32(conv.offset[mi]));
-                let even = round(_mm512_mul_epi32(acc, mult));
-                let odd = round(_mm512_mul_epi32(_mm512_srli_epi64(acc, 32), mult));
-                let acc = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-                let acc = _mm512_max_epi32(_mm512_min_epi32(_mm512_add_epi32(acc, add), hi), lo);
+                let acc = rq.apply(_mm512_add_epi32(acc, _mm512_set1_epi32(conv.offset[mi])));
                 let at = mi * conv.row_stride + n0;
                 // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
                 unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
@@ -984,6 +1029,64 @@ mod tests {
         match Kernel::fast() {
             Some(kernel) => matches_tract_on(kernel),
             None => eprintln!("no fast kernel on this CPU: nothing to compare"),
+        }
+    }
+
+    /// The vector requantization (its exact-f64 path and its i64 path) gives the scalar steps'
+    /// results, around the f64 path's limit too.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_requantization_equals_scalar_steps() {
+        use std::arch::x86_64::*;
+        if Kernel::fast().is_none() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..4000 {
+            let scale = 0.5f32.powi((next() % 14) as i32) * (1.0 + (next() % 1000) as f32 / 1000.0);
+            let s = Scaler::new(scale, RoundingPolicy::Even);
+            let steps = vec![
+                Step::Scale {
+                    mult: s.mult,
+                    shift: s.shift,
+                    policy: RoundingPolicy::Even,
+                },
+                Step::Scalar(BinOp::Add, (next() % 256) as i32 - 128),
+                Step::Scalar(BinOp::Min, 255),
+                Step::Scalar(BinOp::Max, 0),
+            ];
+            let Some(rq) = Requant::of(&steps) else {
+                continue;
+            };
+            let limit = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i64;
+            let lanes: [i32; NR] = std::array::from_fn(|_| {
+                let v = match round % 4 {
+                    0 => next() as i32 as i64,
+                    1 => (next() as i32 >> 10) as i64,
+                    2 => limit - 2 + (next() % 5) as i64,
+                    _ => -limit - 2 + (next() % 5) as i64,
+                };
+                v.clamp(i32::MIN as i64, i32::MAX as i64) as i32
+            });
+            let mut scalar = lanes;
+            for step in &steps {
+                step.apply(0, &mut scalar);
+            }
+            let mut vector = [0i32; NR];
+            // SAFETY: AVX-512 is present (checked above); 16 i32 in and out.
+            unsafe {
+                let rq = vnni::RequantLanes::new(&rq);
+                let v = rq.apply(_mm512_loadu_si512(lanes.as_ptr().cast()));
+                _mm512_storeu_si512(vector.as_mut_ptr().cast(), v);
+            }
+            assert_eq!(scalar, vector, "{steps:?} on {lanes:?}");
         }
     }
 
