@@ -23,9 +23,12 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::change_axes::IntoShape;
 use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_onnx::tract_core::ops::quant::OffsetU8asI8;
 use tract_onnx::tract_core::tract_linalg::BinOp;
 use tract_onnx::tract_core::tract_linalg::mmm::{
     EagerPackedInput, MMMInputValue, OutputStoreSpec, PackedMatrixStorage, RoundingPolicy,
@@ -59,8 +62,11 @@ enum Step {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QConv {
     geo: Geometry,
-    /// The input's zero point as the i8 the padding takes.
+    /// The input's zero point, as the byte the padding takes.
     pad: u8,
+    /// XORed into every input byte to make it the unsigned `x + 128` the kernel multiplies:
+    /// 0x80 for i8 input, 0 where the op reads the u8 tensor before tract's `OffsetU8asI8`.
+    flip: u8,
     m: usize,
     k: usize,
     /// Groups of four products per output: taps times groups of four channels.
@@ -217,6 +223,30 @@ impl QConv {
                 .get(*i)
                 .and_then(|o| model.outlet_fact(*o).ok())
                 .is_some_and(|f| f.konst.is_some()),
+        }
+    }
+
+    /// The u8 tensor behind `x` if `x` is tract's `OffsetU8asI8` of it (`x = u8 - 128` as i8),
+    /// through reshapes, and whether it is; else `x`.
+    fn before_offset(model: &TypedModel, x: OutletId) -> (OutletId, bool) {
+        let mut at = x;
+        loop {
+            let node = model.node(at.node);
+            if node.op_is::<IntoShape>() {
+                at = node.inputs[0];
+                continue;
+            }
+            let offset = node
+                .op_as::<ElementWiseOp>()
+                .is_some_and(|e| e.0.downcast_ref::<OffsetU8asI8>().is_some());
+            let input = node
+                .inputs
+                .first()
+                .and_then(|i| Some((*i, model.outlet_fact(*i).ok()?)));
+            return match input {
+                Some((i, fact)) if offset && fact.datum_type == u8::datum_type() => (i, true),
+                _ => (x, false),
+            };
         }
     }
 
@@ -393,6 +423,12 @@ impl QConv {
             return None;
         }
         let (geo, x_outlet, pad) = Self::patches_source(model, p_outlet, k)?;
+        let (x_outlet, unsigned) = Self::before_offset(model, x_outlet);
+        let (pad, flip) = if unsigned {
+            (pad ^ 0x80, 0)
+        } else {
+            (pad, 0x80)
+        };
         if k != geo.k() || !geo.out_hw().1.is_multiple_of(NR) {
             return None;
         }
@@ -413,8 +449,9 @@ impl QConv {
         let (oh, ow) = geo.out_hw();
         let before = out_shape.get(..channel_axis)?;
         let after = out_shape.get(channel_axis + 1..)?;
-        let pixels_ok = after.iter().product::<usize>() == geo.n()
-            && (after == [geo.n()] || after == [oh, ow] || after.iter().all(|&d| d == 1));
+        let pixels: TVec<usize> = after.iter().copied().filter(|&d| d != 1).collect();
+        let pixels_ok =
+            pixels.is_empty() && geo.n() == 1 || pixels[..] == [geo.n()] || pixels[..] == [oh, ow];
         if out_shape.get(channel_axis) != Some(&m)
             || before.iter().any(|&d| d != 1)
             || !pixels_ok
@@ -473,6 +510,7 @@ impl QConv {
         let qconv = QConv {
             geo,
             pad,
+            flip,
             m,
             k,
             groups,
@@ -582,15 +620,20 @@ impl QConv {
     }
 
     fn run(&self, input: &Tensor) -> TractResult<Tensor> {
+        let dt = if self.flip == 0 {
+            u8::datum_type()
+        } else {
+            i8::datum_type()
+        };
         ensure!(
-            input.datum_type() == i8::datum_type() && input.len() == self.geo.input_len(),
-            "QConv: input {:?} does not match the planned convolution",
+            input.datum_type() == dt && input.len() == self.geo.input_len(),
+            "QConv: input {:?} {:?} does not match the planned convolution",
+            input.datum_type(),
             input.shape()
         );
         let input = input.try_as_plain_ram()?;
-        let x = input.as_slice::<i8>()?;
-        // SAFETY: i8 and u8 have one layout.
-        let x = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len()) };
+        // Bytes either way: the kernel flips them to unsigned with `flip`.
+        let x = input.as_bytes();
         let input = self.geo.interleaved(x, self.pad);
         // SAFETY: `run_rows` writes every element (all rows, all channels).
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, &self.out_shape)? };
@@ -675,7 +718,7 @@ impl TileKernel for Portable {
                 for (row, wa) in acc.iter_mut().zip(ga.chunks_exact(4)) {
                     for (c, xb) in row.iter_mut().zip(gb.chunks_exact(4)) {
                         for q in 0..4 {
-                            *c += (xb[q] ^ 0x80) as i32 * wa[q] as i8 as i32;
+                            *c += (xb[q] ^ conv.flip) as i32 * wa[q] as i8 as i32;
                         }
                     }
                 }
@@ -697,16 +740,16 @@ mod vnni {
         #[inline(always)]
         unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8) {
             // SAFETY: the caller's.
-            unsafe { finish(conv, &product(a, b), m0, n0, out) }
+            unsafe { finish(conv, &product(a, b, conv.flip), m0, n0, out) }
         }
     }
 
     /// The tile's 16 x 16 products, a register per channel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn product(a: &[u8], b: &Patches) -> [__m512i; MR] {
+    unsafe fn product(a: &[u8], b: &Patches, flip: u8) -> [__m512i; MR] {
         assert!(b.fits(a.len()));
-        let flip = _mm512_set1_epi8(-128);
+        let flip = _mm512_set1_epi8(flip as i8);
         let mut c = [_mm512_setzero_si512(); MR];
         let mut pa = a.as_ptr();
         for &tap in b.taps {
@@ -1006,9 +1049,9 @@ mod tests {
             Some((Box::new(op) as Box<dyn TypedOp>, tvec!(x)))
         })
         .unwrap();
-        // Every convolution but the ASPP's on the pooled 1x1 map and the 64 -> 1 classifier:
-        // 22 through im2col (3x3, 7x7) and 6 1x1 ones (one with the weights on the right).
-        assert_eq!(replaced, 28, "{kernel:?}");
+        // Every convolution but the ASPP's on the pooled 1x1 map: 22 through im2col (3x3,
+        // 7x7) and 7 1x1 ones (two with the weights on the right, one the 64 -> 1 classifier).
+        assert_eq!(replaced, 29, "{kernel:?}");
         let ours = ours.into_runnable().unwrap();
         let input = fixture_input();
         let a = reference.run(tvec!(input.clone().into())).unwrap();
