@@ -25,6 +25,8 @@ pub struct Rewrites {
     pub resize: usize,
     /// `QuantizeLinearU8` nodes now [`quantize::Quantize`].
     pub quantize: usize,
+    /// Quantized concatenations now [`quantize::QuantizeConcat`].
+    pub quantize_concat: usize,
     /// Constant `Pad` nodes (float convolutions) now [`pad::Pad`].
     pub pad: usize,
     /// int8 `PackedIm2col -> OptMatMul` pairs now [`qconv::QConv`] (CPUs with a kernel for it).
@@ -41,6 +43,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         im2col: replace_each(model, im2col::replacement)?,
         resize: replace_each(model, resize::replacement)?,
         quantize: replace_each(model, quantize::replacement)?,
+        quantize_concat: replace_each_wired(model, quantize::fuse_concat)?,
         pad: replace_each(model, pad::replacement)?,
         // After `im2col`: it fuses our im2col with the product that reads it.
         qconv: replace_each_wired(model, qconv::replacement)?,
@@ -209,7 +212,18 @@ mod tests {
             let mut ours = model;
             let done = rewrite(&mut ours).unwrap();
             let expected = if name.contains("int8") {
-                done.im2col > 10 && done.quantize > 5 && done.resize >= 2
+                let qconv = if qconv::Kernel::fast().is_some() {
+                    29
+                } else {
+                    0
+                };
+                done.im2col > 10
+                    && done.quantize > 5
+                    && done.resize >= 2
+                    && done.quantize_concat == 2
+                    && done.max_pool == 1
+                    && done.dequantize > 10
+                    && done.qconv == qconv
             } else {
                 done.pad > 10 && done.resize >= 2
             };

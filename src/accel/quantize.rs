@@ -7,6 +7,7 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::QuantizeLinearU8;
 
@@ -111,6 +112,104 @@ pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dy
             scale_bits: q.scale.to_bits(),
             zero_point: q.zero_point,
         }) as _
+    })
+}
+
+/// `Quantize(Concat(inputs))` in one pass, each input quantized straight into its block of the
+/// output: the same bytes (quantization is elementwise) without writing and reading back the
+/// concatenated floats. Only for concatenations whose blocks are contiguous (nothing but unit
+/// axes before the concatenation axis).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuantizeConcat {
+    quantize: Quantize,
+    axis: usize,
+}
+
+impl Op for QuantizeConcat {
+    fn name(&self) -> StaticName {
+        "QuantizeConcatU8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QuantizeConcat {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let first = inputs.first().context("QuantizeConcat: no input")?;
+        let mut shape: TVec<usize> = first.shape().into();
+        ensure!(
+            shape.len() > self.axis && shape[..self.axis].iter().all(|&d| d == 1),
+            "QuantizeConcat: input {shape:?} is not split along axis {}",
+            self.axis
+        );
+        shape[self.axis] = inputs.iter().map(|t| t.shape()[self.axis]).sum();
+        // SAFETY: every element is written, block by block.
+        let mut out = unsafe { Tensor::uninitialized::<u8>(&shape)? };
+        let mut ram = out.try_as_plain_ram_mut()?;
+        let mut rest = ram.as_slice_mut::<u8>()?;
+        for input in &inputs {
+            let same = input.rank() == shape.len()
+                && (0..shape.len()).all(|a| a == self.axis || input.shape()[a] == shape[a]);
+            ensure!(
+                same,
+                "QuantizeConcat: input {:?} does not fit",
+                input.shape()
+            );
+            let xs = input.try_as_plain_ram()?;
+            let xs = xs.as_slice::<f32>()?;
+            let (block, tail) = std::mem::take(&mut rest).split_at_mut(xs.len());
+            super::parallel_parts(block, 1 << 14, |rows, part| {
+                let from = rows.start << 14;
+                self.quantize.run(&xs[from..from + part.len()], part)
+            });
+            rest = tail;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for QuantizeConcat {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape = inputs[0].shape.clone();
+        let sum: TDim = inputs.iter().map(|f| f.shape[self.axis].clone()).sum();
+        shape.set(self.axis, sum);
+        Ok(tvec!(u8::fact(shape)))
+    }
+}
+
+/// The fused op and its inputs for `node`, a [`Quantize`] of a concatenation of f32 tensors
+/// that feeds nothing else, with contiguous blocks.
+pub(super) fn fuse_concat(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> Option<(Box<dyn TypedOp>, TVec<OutletId>)> {
+    let quantize = node.op_as::<Quantize>()?;
+    let concat_outlet = *node.inputs.first()?;
+    let concat_node = model.node(concat_outlet.node);
+    let concat = concat_node.op_as::<TypedConcat>()?;
+    let fact = model.outlet_fact(concat_outlet).ok()?;
+    let shape = fact.shape.as_concrete()?;
+    let plain = |o: &OutletId| {
+        model
+            .outlet_fact(*o)
+            .is_ok_and(|f| f.datum_type == f32::datum_type() && !f.is_exotic())
+    };
+    let fits = model.outlet_successors(concat_outlet).len() == 1
+        && shape[..concat.axis].iter().all(|&d| d == 1)
+        && concat_node.inputs.iter().all(plain);
+    fits.then(|| {
+        let op = QuantizeConcat {
+            quantize: quantize.clone(),
+            axis: concat.axis,
+        };
+        (
+            Box::new(op) as _,
+            concat_node.inputs.iter().copied().collect(),
+        )
     })
 }
 
