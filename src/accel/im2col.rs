@@ -220,6 +220,22 @@ impl Geometry {
         oy * self.sy * input.c4 * input.group_stride() + ox * 4
     }
 
+    /// Whether tap `(ky, kx)` of the `n` output pixels from `(oy, ox)` on (one row) reads only
+    /// padding, never the image.
+    pub(super) fn tap_in_padding(
+        &self,
+        oy: usize,
+        ox: usize,
+        n: usize,
+        ky: usize,
+        kx: usize,
+    ) -> bool {
+        let y = (oy * self.sy + ky * self.dy) as isize - self.pad_top;
+        let first = (ox * self.sx + kx * self.dx) as isize - self.pad_left;
+        let last = first + ((n - 1) * self.sx) as isize;
+        y < 0 || y >= self.h as isize || last < 0 || first >= self.w as isize
+    }
+
     /// Kernel taps (`kh * kw`).
     pub(super) fn taps(&self) -> usize {
         self.kh * self.kw

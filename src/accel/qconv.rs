@@ -74,6 +74,9 @@ pub struct QConv {
     /// Weights as `MR`-channel panels of `groups x MR x 4` bytes, tap-major, then channel;
     /// rows past `m` and channels past the input's zero.
     weights: Arc<Vec<u8>>,
+    /// `sum_c w[m][c][t]` for every channel `m` and tap `t`: what a tap that reads only
+    /// padding adds, times the padding's unsigned value; such taps are skipped.
+    tap_sums: Vec<i32>,
     /// Added to every product of channel `m` before `steps`: `-128 * sum_k w[m][k]` (the
     /// kernel multiplies `x + 128`, unsigned, by the weights), plus tract's leading additive
     /// steps (bias, zero-point correction), folded in (i32 wrapping sums commute).
@@ -474,12 +477,14 @@ impl QConv {
         };
         let mut weights = vec![0u8; m.div_ceil(MR) * groups * MR * 4];
         let mut correction = vec![0i32; m];
+        let mut tap_sums = vec![0i32; m * taps];
         for mi in 0..m {
             let panel = (mi / MR) * groups * MR * 4;
             for ki in 0..k {
                 let v = w[mi * k + ki];
                 weights[panel + place(ki) + (mi % MR) * 4] = v as u8;
                 correction[mi] += 128 * v as i32;
+                tap_sums[mi * taps + ki % taps] += v as i32;
             }
         }
         let mut offset: Vec<i32> = correction.iter().map(|c| c.wrapping_neg()).collect();
@@ -515,6 +520,7 @@ impl QConv {
             k,
             groups,
             weights: Arc::new(weights),
+            tap_sums,
             offset,
             steps,
             requant,
@@ -543,19 +549,40 @@ impl QConv {
     ) {
         let (_, ow) = self.geo.out_hw();
         let panel_weights = self.groups * MR * 4;
-        let taps = self.geo.interleaved_taps(input);
+        let offsets = self.geo.interleaved_taps(input);
+        let (kh, kw) = (self.geo.kh, self.geo.kw);
+        let pad = (self.pad ^ self.flip) as i32;
+        let mut live: Vec<(usize, usize)> = Vec::with_capacity(offsets.len());
+        let mut dead: Vec<usize> = Vec::with_capacity(offsets.len());
         for oy in rows {
             for ox in (0..ow).step_by(NR) {
+                // Taps that read only padding for the whole tile add a constant: skipped, and
+                // their sum added to the accumulators instead (exact integer arithmetic).
+                live.clear();
+                dead.clear();
+                for (t, &offset) in offsets.iter().enumerate() {
+                    if self.geo.tap_in_padding(oy, ox, NR, t / kw, t % kw) {
+                        dead.push(t);
+                    } else {
+                        live.push((offset, t * input.c4));
+                    }
+                }
                 let b = Patches {
                     data: &input.data,
                     base: self.geo.interleaved_base(input, oy, ox),
-                    taps: &taps,
+                    taps: &live,
                     groups: input.c4,
                     stride: input.group_stride(),
                 };
                 for (mp, a) in self.weights.chunks_exact(panel_weights).enumerate() {
-                    // SAFETY: the tile (mp * MR.., oy * ow + ox..) is this row's.
-                    unsafe { K::tile(self, a, &b, mp * MR, oy * ow + ox, out) };
+                    let m0 = mp * MR;
+                    let mut extra = [0i32; MR];
+                    for (i, e) in extra.iter_mut().enumerate().take(self.m.saturating_sub(m0)) {
+                        let sums = &self.tap_sums[(m0 + i) * kh * kw..];
+                        *e = dead.iter().map(|&t| sums[t]).sum::<i32>().wrapping_mul(pad);
+                    }
+                    // SAFETY: the tile (m0.., oy * ow + ox..) is this row's.
+                    unsafe { K::tile(self, a, &b, &extra, m0, oy * ow + ox, out) };
                 }
             }
         }
@@ -648,24 +675,26 @@ impl QConv {
     }
 }
 
-/// Where a tile's patches are: for each tap, `groups` runs of `NR x 4` bytes (one per group of
-/// four channels), `stride` apart, from `base + taps[t]` in `data`.
+/// Where a tile's patches are: for each tap read, `groups` runs of `NR x 4` bytes (one per
+/// group of four channels), `stride` apart, from `base` plus the tap's offset in `data`.
 struct Patches<'a> {
     data: &'a [u8],
     base: usize,
-    taps: &'a [usize],
+    /// Per tap read: its byte offset from `base` and its first weight group.
+    taps: &'a [(usize, usize)],
     groups: usize,
     stride: usize,
 }
 
 impl Patches<'_> {
-    /// Whether every run is inside `data`, for weights of `a_len` bytes.
+    /// Whether every run is inside `data` and every weight group inside `a_len` bytes.
     fn fits(&self, a_len: usize) -> bool {
-        let last = self.taps.iter().max().copied().unwrap_or(0)
-            + self.groups.saturating_sub(1) * self.stride;
+        let span = self.groups.saturating_sub(1) * self.stride;
         self.groups > 0
-            && self.base + last + NR * 4 <= self.data.len()
-            && a_len >= self.taps.len() * self.groups * MR * 4
+            && self.taps.iter().all(|&(b, a)| {
+                self.base + b + span + NR * 4 <= self.data.len()
+                    && (a + self.groups) * MR * 4 <= a_len
+            })
     }
 }
 
@@ -701,20 +730,36 @@ trait TileKernel {
     /// # Safety
     /// `out` is the output's data and the tile inside it; the kernel's instructions exist on
     /// this CPU.
-    unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8);
+    unsafe fn tile(
+        conv: &QConv,
+        a: &[u8],
+        b: &Patches,
+        extra: &[i32; MR],
+        m0: usize,
+        n0: usize,
+        out: *mut u8,
+    );
 }
 
 struct Portable;
 
 impl TileKernel for Portable {
     #[inline(always)]
-    unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8) {
-        let mut acc = [[0i32; NR]; MR];
-        let mut groups = a.chunks_exact(MR * 4);
-        for &tap in b.taps {
+    unsafe fn tile(
+        conv: &QConv,
+        a: &[u8],
+        b: &Patches,
+        extra: &[i32; MR],
+        m0: usize,
+        n0: usize,
+        out: *mut u8,
+    ) {
+        let mut acc = extra.map(|e| [e; NR]);
+        for &(tb, ta) in b.taps {
             for g in 0..b.groups {
-                let at = b.base + tap + g * b.stride;
-                let (ga, gb) = (groups.next().expect("weights"), &b.data[at..at + NR * 4]);
+                let at = b.base + tb + g * b.stride;
+                let ga = &a[(ta + g) * MR * 4..(ta + g + 1) * MR * 4];
+                let gb = &b.data[at..at + NR * 4];
                 for (row, wa) in acc.iter_mut().zip(ga.chunks_exact(4)) {
                     for (c, xb) in row.iter_mut().zip(gb.chunks_exact(4)) {
                         for q in 0..4 {
@@ -738,25 +783,36 @@ mod vnni {
 
     impl TileKernel for Vnni {
         #[inline(always)]
-        unsafe fn tile(conv: &QConv, a: &[u8], b: &Patches, m0: usize, n0: usize, out: *mut u8) {
+        unsafe fn tile(
+            conv: &QConv,
+            a: &[u8],
+            b: &Patches,
+            extra: &[i32; MR],
+            m0: usize,
+            n0: usize,
+            out: *mut u8,
+        ) {
             // SAFETY: the caller's.
-            unsafe { finish(conv, &product(a, b, conv.flip), m0, n0, out) }
+            unsafe { finish(conv, &product(a, b, conv.flip, extra), m0, n0, out) }
         }
     }
 
     /// The tile's 16 x 16 products, a register per channel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn product(a: &[u8], b: &Patches, flip: u8) -> [__m512i; MR] {
+    unsafe fn product(a: &[u8], b: &Patches, flip: u8, extra: &[i32; MR]) -> [__m512i; MR] {
         assert!(b.fits(a.len()));
         let flip = _mm512_set1_epi8(flip as i8);
         let mut c = [_mm512_setzero_si512(); MR];
-        let mut pa = a.as_ptr();
-        for &tap in b.taps {
+        for (ci, &e) in c.iter_mut().zip(extra) {
+            *ci = _mm512_set1_epi32(e);
+        }
+        for &(tb, ta) in b.taps {
             // SAFETY: every run and weight group is inside its slice (asserted above);
             // unaligned loads.
             unsafe {
-                let pb = b.data.as_ptr().add(b.base + tap);
+                let pb = b.data.as_ptr().add(b.base + tb);
+                let mut pa = a.as_ptr().add(ta * MR * 4);
                 for g in 0..b.groups {
                     let x = _mm512_loadu_si512(pb.add(g * b.stride).cast());
                     let x = _mm512_xor_si512(x, flip);
