@@ -1107,7 +1107,9 @@ mod tests {
         .unwrap();
         // Every convolution but the ASPP's on the pooled 1x1 map: 22 through im2col (3x3,
         // 7x7) and 7 1x1 ones (two with the weights on the right, one the 64 -> 1 classifier).
-        assert_eq!(replaced, 29, "{kernel:?}");
+        // On aarch64 tract packs the classifier's weights in its plain layout, which we leave.
+        let expected = if cfg!(target_arch = "x86_64") { 29 } else { 28 };
+        assert_eq!(replaced, expected, "{kernel:?}");
         let ours = ours.into_runnable().unwrap();
         let input = fixture_input();
         let a = reference.run(tvec!(input.clone().into())).unwrap();
