@@ -149,16 +149,23 @@ impl Geometry {
         let wp = (self.ow - 1) * self.sx + (self.kw - 1) * self.dx + 1;
         let (c4, sx) = (self.c.div_ceil(4), self.sx);
         let wq = wp.div_ceil(sx);
-        let mut data = vec![pad; hp * c4 * sx * wq * 4];
+        // SAFETY: every byte is written below: padding where the image is not.
+        let mut data = unsafe { Tensor::uninitialized::<u8>(&[hp * c4 * sx * wq * 4]) }
+            .expect("a byte buffer");
         // Columns of a padded row that come from the image.
         let x_lo = self.pad_left.max(0) as usize;
         let x_hi = ((self.w as isize + self.pad_left).min(wp as isize)).max(x_lo as isize) as usize;
+        #[cfg(target_arch = "x86_64")]
+        let vbmi = has_avx512_vbmi();
         // Padded rows are independent: shared between tract's threads.
         let row_len = c4 * sx * wq * 4;
-        super::parallel_parts(&mut data, row_len, |rows, part| {
+        let mut ram = data.try_as_plain_ram_mut().expect("plain");
+        let bytes = ram.as_slice_mut::<u8>().expect("u8");
+        super::parallel_parts(bytes, row_len, |rows, part| {
             for (yp, out) in rows.zip(part.chunks_exact_mut(row_len)) {
                 let y = yp as isize - self.pad_top;
                 if y < 0 || y >= self.h as isize {
+                    out.fill(pad);
                     continue;
                 }
                 for g in 0..c4 {
@@ -166,18 +173,36 @@ impl Geometry {
                         [0, 1, 2, 3].map(|j| ((g * 4 + j).min(self.c - 1) * self.h) + y as usize);
                     for phase in 0..sx {
                         // Phase columns q with padded column q * sx + phase in the image.
-                        let q_lo = x_lo.saturating_sub(phase).div_ceil(sx);
-                        let q_hi = x_hi.saturating_sub(phase).div_ceil(sx).min(wq);
-                        if q_hi <= q_lo {
+                        let q_lo = x_lo.saturating_sub(phase).div_ceil(sx).min(wq);
+                        let q_hi = x_hi.saturating_sub(phase).div_ceil(sx).clamp(q_lo, wq);
+                        let line = (g * sx + phase) * wq;
+                        let line = &mut out[line * 4..(line + wq) * 4];
+                        line[..q_lo * 4].fill(pad);
+                        line[q_hi * 4..].fill(pad);
+                        if q_hi == q_lo {
                             continue;
                         }
                         // Input column of q_lo.
                         let x0 = (q_lo * sx + phase) as isize - self.pad_left;
                         let at = lines.map(|r| r * self.w + x0 as usize);
-                        let line = (g * sx + phase) * wq;
-                        let dst = &mut out[(line + q_lo) * 4..(line + q_hi) * 4];
+                        let dst = &mut line[q_lo * 4..q_hi * 4];
                         let n = q_hi - q_lo;
                         let mut q = 0;
+                        #[cfg(target_arch = "x86_64")]
+                        if vbmi {
+                            while q + 16 <= n {
+                                let a = at.map(|a| a + q * sx);
+                                if sx > 2 || a.iter().any(|&a| a + 16 * sx > input.len()) {
+                                    break;
+                                }
+                                // SAFETY: the CPU has AVX-512 VBMI; the reads are within
+                                // `input` (checked) and the write within `dst` (16 pixels).
+                                unsafe {
+                                    interleave4x16(input, a, sx, &mut dst[q * 4..q * 4 + 64])
+                                };
+                                q += 16;
+                            }
+                        }
                         while q + 8 <= n {
                             let a = at.map(|a| a + q * sx);
                             match sx {
@@ -406,10 +431,15 @@ pub(super) struct Interleaved {
     sx: usize,
     /// Columns per phase.
     wq: usize,
-    pub(super) data: Vec<u8>,
+    data: Tensor,
 }
 
 impl Interleaved {
+    /// The bytes.
+    pub(super) fn bytes(&self) -> &[u8] {
+        self.data.as_bytes()
+    }
+
     /// Bytes from one group of four channels to the next, within a padded row.
     pub(super) fn group_stride(&self) -> usize {
         self.sx * self.wq * 4
@@ -500,6 +530,61 @@ fn interleave4x8_stride2(src: &[u8], at: [usize; 4], dst: &mut [u8]) {
         for j in 0..4 {
             dst[4 * l + j] = rows[j][2 * l];
         }
+    }
+}
+
+/// Whether this CPU has AVX-512 VBMI (byte permutations), for [`interleave4x16`].
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vbmi() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vbmi")
+}
+
+/// `dst[4 l + j] = src[at[j] + sx * l]` for `l < 16`, `sx` 1 or 2: one byte permutation of the
+/// four rows (two for stride 2, which keeps the even bytes).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VBMI; `at[j] + 16 * sx <= src.len()`; `dst` is 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+unsafe fn interleave4x16(src: &[u8], at: [usize; 4], sx: usize, dst: &mut [u8]) {
+    use std::arch::x86_64::*;
+    assert!(dst.len() == 64 && at.iter().all(|&a| a + 16 * sx <= src.len()));
+    // Output byte 4 l + j reads row j's byte sx * l, rows `16 * sx` bytes apart in the table.
+    const fn index(sx: usize) -> [u8; 64] {
+        let mut idx = [0u8; 64];
+        let mut b = 0;
+        while b < 64 {
+            idx[b] = ((b % 4) * 16 * sx + sx * (b / 4)) as u8;
+            b += 1;
+        }
+        idx
+    }
+    const STRIDE1: [u8; 64] = index(1);
+    const STRIDE2: [u8; 64] = index(2);
+    let index = |idx: &[u8; 64]| -> __m512i {
+        // SAFETY: 64 bytes.
+        unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
+    };
+    // SAFETY: the loads read `16 * sx` bytes from each `at[j]` (asserted), the store 64.
+    unsafe {
+        let p = src.as_ptr();
+        let out = if sx == 1 {
+            let rows = at.map(|a| _mm_loadu_si128(p.add(a).cast()));
+            let lo = _mm256_set_m128i(rows[1], rows[0]);
+            let hi = _mm256_set_m128i(rows[3], rows[2]);
+            let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            _mm512_permutexvar_epi8(index(&STRIDE1), z)
+        } else {
+            let rows = at.map(|a| _mm256_loadu_si256(p.add(a).cast()));
+            let z0 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(rows[0]), rows[1]);
+            let z1 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(rows[2]), rows[3]);
+            // Rows 0-1 are table bytes 0..64, rows 2-3 bytes 64..128.
+            _mm512_permutex2var_epi8(z0, index(&STRIDE2), z1)
+        };
+        _mm512_storeu_si512(dst.as_mut_ptr().cast(), out);
     }
 }
 
@@ -723,7 +808,7 @@ mod tests {
                             let at = base + tap + (ci / 4) * x.group_stride() + ci % 4;
                             let want = matrix[(ci * taps.len() + t) * geo.n() + oy * geo.ow + ox];
                             assert_eq!(
-                                x.data[at],
+                                x.bytes()[at],
                                 want,
                                 "{:?} pixel {oy},{ox} c {ci} tap {t}",
                                 (c, h, w, k, stride, dilation, pad)

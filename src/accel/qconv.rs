@@ -568,7 +568,7 @@ impl QConv {
                     }
                 }
                 let b = Patches {
-                    data: &input.data,
+                    data: input.bytes(),
                     base: self.geo.interleaved_base(input, oy, ox),
                     taps: &live,
                     groups: input.c4,
