@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::Downsample;
 use tract_onnx::tract_core::ops::change_axes::IntoShape;
 use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
@@ -253,6 +254,44 @@ impl QConv {
         }
     }
 
+    /// For a 1x1 convolution of tract's `Downsample` of `x` (every other row and column: a
+    /// strided 1x1 convolution), the strided convolution of the tensor before it, which reads
+    /// it in place; else `(geo, x)` unchanged.
+    fn before_downsample(model: &TypedModel, geo: Geometry, x: OutletId) -> (Geometry, OutletId) {
+        let unit = geo.kh == 1 && geo.kw == 1 && geo.sy == 1 && geo.sx == 1;
+        let (mut at, mut strides) = (x, [1usize, 1]);
+        while let Some(d) = model.node(at.node).op_as::<Downsample>() {
+            match (d.axis, usize::try_from(d.stride), d.modulo) {
+                (2 | 3, Ok(s @ 1..), 0) => strides[d.axis - 2] *= s,
+                _ => break,
+            }
+            at = model.node(at.node).inputs[0];
+        }
+        let Some(&[1, c, h, w]) = model
+            .outlet_fact(at)
+            .ok()
+            .and_then(|f| f.shape.as_concrete())
+        else {
+            return (geo, x);
+        };
+        if !unit || at == x {
+            return (geo, x);
+        }
+        let spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(1, 1),
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: Some(tvec!(strides[0], strides[1])),
+            input_channels: c,
+            output_channels: 0,
+        };
+        match Geometry::new(&spec, &[1, c, h, w]) {
+            Ok(g) if g.out_hw() == geo.out_hw() && g.c == geo.c => (g, at),
+            _ => (geo, x),
+        }
+    }
+
     /// The geometry, input and padding byte behind the patches at `outlet`: our im2col, or
     /// tract's packing of an NCHW input with `k` channels for a 1x1 convolution.
     fn patches_source(
@@ -427,6 +466,7 @@ impl QConv {
         }
         let (geo, x_outlet, pad) = Self::patches_source(model, p_outlet, k)?;
         let (x_outlet, unsigned) = Self::before_offset(model, x_outlet);
+        let (geo, x_outlet) = Self::before_downsample(model, geo, x_outlet);
         let (pad, flip) = if unsigned {
             (pad ^ 0x80, 0)
         } else {
