@@ -439,6 +439,7 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn main() -> std::process::ExitCode {
+    polypwatch::model::keep_frame_buffers();
     match dispatch() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
