@@ -5,7 +5,9 @@
 //! model tract's `Im2col` took half of the frame: it feeds its packers one value at a time
 //! through a generic writer. [`PackedIm2Col`] writes the same bytes straight into the packed
 //! panels, a whole panel of output pixels per kernel tap, and [`super::rewrite`] swaps it in for
-//! tract's op in an optimised model. The matrix product that reads the panels is tract's own.
+//! tract's op in an optimised model. The matrix product that reads the panels is tract's own,
+//! except where [`super::qconv`] replaces the pair; `Geometry::interleaved` is the layout it
+//! reads instead.
 //!
 //! Only the two layouts tract's kernels use for these convolutions are written
 //! ([`PackedFormat`]: `k * r + lane` per panel; [`PackedI8K4`]: four taps per lane, for the

@@ -1,11 +1,14 @@
 //! Rewrites of tract's optimised plan that make our models run faster, each a drop-in
-//! replacement for one tract operator, written against tract's public API.
+//! replacement for one tract operator or a short chain of them, written against tract's public
+//! API.
 //!
 //! They exist because tract spent most of a frame in a few generic operators: the int8
-//! convolutions' im2col ([`im2col`]), bilinear upsampling ([`resize`]), float-to-int8
-//! quantization ([`quantize`]) and the float convolutions' padding ([`pad`]). Each replacement
-//! is checked against the operator it replaces on the shipped models, and an operator outside
-//! what a replacement covers is left to tract.
+//! convolutions, now on our own kernel where the CPU has AVX-512 VNNI ([`qconv`]) and through a
+//! faster im2col elsewhere ([`im2col`]); max pooling and dequantization ([`pool`]);
+//! float-to-u8 quantization, alone or of a concatenation ([`quantize`]); bilinear upsampling
+//! ([`resize`]) and the float convolutions' padding ([`pad`]). Each gives tract's output to the
+//! bit, checked against the operators it replaces on the shipped models, and an operator
+//! outside what a replacement covers is left to tract.
 
 pub mod im2col;
 pub mod pad;

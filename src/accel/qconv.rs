@@ -8,7 +8,7 @@
 //!
 //! [`QConv`] replaces the product and what feeds it with one operator that reads its input in
 //! place, without im2col: the input is interleaved by four channels (and split by column
-//! phase where the x stride is 2) once ([`super::im2col::Geometry::interleaved`]), after which
+//! phase where the x stride is 2) once (`im2col::Geometry::interleaved`), after which
 //! one tap of four channels over 16 neighbouring output pixels is 64 neighbouring bytes.
 //! Tiles are 16 channels by 16 pixels; tract's fused steps follow with tract's integer
 //! arithmetic, so the output is tract's to the bit, and the output rows are shared between
