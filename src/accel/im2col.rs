@@ -467,6 +467,32 @@ fn bytes_mut<T: Copy>(s: &mut [T]) -> Option<&mut [u8]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
 }
 
+/// `dst[4 l + j] = rows[j][l]` for `l < 8`, from the low 8 bytes of four registers: two unpack
+/// steps (SSE2, part of x86-64).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn store4x8(rows: [std::arch::x86_64::__m128i; 4], dst: &mut [u8; 32]) {
+    use std::arch::x86_64::*;
+    let [r0, r1, r2, r3] = rows;
+    // SAFETY: SSE2 is part of x86-64; the stores are unaligned ones within `dst`.
+    unsafe {
+        let a = _mm_unpacklo_epi8(r0, r1);
+        let b = _mm_unpacklo_epi8(r2, r3);
+        _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_unpacklo_epi16(a, b));
+        _mm_storeu_si128(dst.as_mut_ptr().add(16).cast(), _mm_unpackhi_epi16(a, b));
+    }
+}
+
+/// `dst[4 l + j] = rows[j][l]` for `l < 8`: one `st4` (NEON, part of aarch64).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn store4x8(rows: [std::arch::aarch64::uint8x8_t; 4], dst: &mut [u8; 32]) {
+    use std::arch::aarch64::*;
+    let [r0, r1, r2, r3] = rows;
+    // SAFETY: NEON is part of aarch64; the store writes the 32 bytes of `dst`.
+    unsafe { vst4_u8(dst.as_mut_ptr(), uint8x8x4_t(r0, r1, r2, r3)) }
+}
+
 /// `dst[4 l + j] = src[at[j] + l]` for `l < 8`: four runs of 8 bytes, interleaved; two
 /// unpack steps on x86-64 (SSE2, always present), one `st4` on aarch64.
 #[inline(always)]
@@ -474,21 +500,16 @@ fn interleave4x8(src: &[u8], at: [usize; 4], dst: &mut [u8]) {
     let rows: [&[u8; 8]; 4] = at.map(|a| src[a..a + 8].try_into().expect("8 bytes"));
     let dst: &mut [u8; 32] = (&mut dst[..32]).try_into().expect("32 bytes");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE2 is part of x86-64; loads and stores are unaligned ones within the arrays.
+    // SAFETY: SSE2 is part of x86-64; the unaligned loads read within `rows`.
     unsafe {
         use std::arch::x86_64::*;
-        let [r0, r1, r2, r3] = rows.map(|r| _mm_loadl_epi64(r.as_ptr().cast()));
-        let a = _mm_unpacklo_epi8(r0, r1);
-        let b = _mm_unpacklo_epi8(r2, r3);
-        _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_unpacklo_epi16(a, b));
-        _mm_storeu_si128(dst.as_mut_ptr().add(16).cast(), _mm_unpackhi_epi16(a, b));
+        store4x8(rows.map(|r| _mm_loadl_epi64(r.as_ptr().cast())), dst);
     }
     #[cfg(target_arch = "aarch64")]
-    // SAFETY: NEON is part of aarch64; the loads and the store stay within the arrays.
+    // SAFETY: NEON is part of aarch64; the loads read within `rows`.
     unsafe {
         use std::arch::aarch64::*;
-        let [r0, r1, r2, r3] = rows.map(|r| vld1_u8(r.as_ptr()));
-        vst4_u8(dst.as_mut_ptr(), uint8x8x4_t(r0, r1, r2, r3));
+        store4x8(rows.map(|r| vld1_u8(r.as_ptr())), dst);
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     for l in 0..8 {
@@ -505,27 +526,23 @@ fn interleave4x8_stride2(src: &[u8], at: [usize; 4], dst: &mut [u8]) {
     let rows: [&[u8; 16]; 4] = at.map(|a| src[a..a + 16].try_into().expect("16 bytes"));
     let dst: &mut [u8; 32] = (&mut dst[..32]).try_into().expect("32 bytes");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE2 is part of x86-64; loads and stores are unaligned ones within the arrays.
+    // SAFETY: SSE2 is part of x86-64; the unaligned loads read within `rows`.
     unsafe {
         use std::arch::x86_64::*;
         let low = _mm_set1_epi16(0x00ff);
         // Keep the even bytes (the low half of each 16-bit lane) and pack them into 8 bytes.
-        let [r0, r1, r2, r3] = rows.map(|r| {
+        let rows = rows.map(|r| {
             let v = _mm_and_si128(_mm_loadu_si128(r.as_ptr().cast()), low);
             _mm_packus_epi16(v, v)
         });
-        let a = _mm_unpacklo_epi8(r0, r1);
-        let b = _mm_unpacklo_epi8(r2, r3);
-        _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_unpacklo_epi16(a, b));
-        _mm_storeu_si128(dst.as_mut_ptr().add(16).cast(), _mm_unpackhi_epi16(a, b));
+        store4x8(rows, dst);
     }
     #[cfg(target_arch = "aarch64")]
-    // SAFETY: NEON is part of aarch64; the loads and the store stay within the arrays.
+    // SAFETY: NEON is part of aarch64; the loads read within `rows`.
     unsafe {
         use std::arch::aarch64::*;
         // ld2 splits even and odd bytes.
-        let [r0, r1, r2, r3] = rows.map(|r| vld2_u8(r.as_ptr()).0);
-        vst4_u8(dst.as_mut_ptr(), uint8x8x4_t(r0, r1, r2, r3));
+        store4x8(rows.map(|r| vld2_u8(r.as_ptr()).0), dst);
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     for l in 0..8 {

@@ -794,6 +794,7 @@ impl TileKernel for Portable {
         n0: usize,
         out: *mut u8,
     ) {
+        assert!(b.fits(a.len()));
         let mut acc = extra.map(|e| [e; NR]);
         for &(tb, ta) in b.taps {
             for g in 0..b.groups {
