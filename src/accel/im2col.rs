@@ -796,24 +796,30 @@ mod tests {
         }
     }
 
+    /// `(channels, height, width, kernel, stride, dilation, padding)`: every kind of
+    /// convolution in our models (7x7 stride 2, 3x3 padded, dilated past the image, 1x1) and
+    /// sizes that leave partial panels, tap groups, channel groups and runs of 8 or 16.
+    const GEOMETRIES: [(usize, usize, usize, usize, usize, usize, usize); 12] = [
+        (3, 19, 23, 7, 2, 1, 3),
+        (5, 9, 11, 3, 1, 1, 1),
+        (4, 8, 8, 3, 1, 6, 6),
+        (2, 6, 5, 3, 1, 12, 12),
+        (6, 7, 7, 1, 1, 1, 0),
+        (3, 10, 9, 3, 2, 1, 1),
+        (3, 16, 16, 3, 1, 1, 1),
+        (2, 32, 32, 3, 2, 1, 1),
+        (8, 16, 32, 3, 1, 2, 2),
+        (7, 40, 37, 3, 2, 1, 1),
+        (4, 12, 29, 5, 3, 1, 2),
+        (9, 33, 35, 1, 1, 1, 0),
+    ];
+
     /// Every tap of every pixel read from the interleaved layout is the im2col matrix's value,
     /// for x strides 1, 2 and 3, dilations, padding, channel counts that leave a partial group
     /// of four and widths that leave partial runs of eight.
     #[test]
     fn interleaved_layout_holds_every_tap() {
-        let cases = [
-            (3, 19, 23, 7, 2, 1, 3),
-            (5, 9, 11, 3, 1, 1, 1),
-            (4, 8, 8, 3, 1, 6, 6),
-            (2, 6, 5, 3, 1, 12, 12),
-            (6, 7, 7, 1, 1, 1, 0),
-            (3, 10, 9, 3, 2, 1, 1),
-            (8, 16, 32, 3, 1, 2, 2),
-            (7, 40, 37, 3, 2, 1, 1),
-            (4, 12, 29, 5, 3, 1, 2),
-            (9, 33, 35, 1, 1, 1, 0),
-        ];
-        for (c, h, w, k, stride, dilation, pad) in cases {
+        for (c, h, w, k, stride, dilation, pad) in GEOMETRIES {
             let geo = Geometry::new(&spec(k, stride, dilation, pad), &[1, c, h, w]).unwrap();
             let input: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 251) as u8 + 1).collect();
             let matrix = naive(&geo, &input, 0xEE);
@@ -844,18 +850,7 @@ mod tests {
     /// sizes that leave partial panels and partial tap groups.
     #[test]
     fn packs_the_same_bytes_as_tracts_packers() {
-        let cases = [
-            (3, 19, 23, 7, 2, 1, 3),
-            (5, 9, 11, 3, 1, 1, 1),
-            (4, 8, 8, 3, 1, 6, 6),
-            (2, 6, 5, 3, 1, 12, 12),
-            (6, 7, 7, 1, 1, 1, 0),
-            (3, 10, 9, 3, 2, 1, 1),
-            (3, 16, 16, 3, 1, 1, 1),
-            (2, 32, 32, 3, 2, 1, 1),
-            (8, 16, 32, 3, 1, 2, 2),
-        ];
-        for (c, h, w, k, stride, dilation, pad) in cases {
+        for (c, h, w, k, stride, dilation, pad) in GEOMETRIES {
             let geo = Geometry::new(&spec(k, stride, dilation, pad), &[1, c, h, w]).unwrap();
             let input: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 251) as u8 + 1).collect();
             let matrix = naive(&geo, &input, 0xEE);

@@ -104,23 +104,9 @@ pub struct Dequantize {
     zero_point: i32,
 }
 
+super::with_avx512_copy!(Dequantize, run, run_any, xs: &[u8], ys: &mut [f32]);
+
 impl Dequantize {
-    fn run(&self, xs: &[u8], ys: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if super::has_avx512() {
-            // SAFETY: the CPU has AVX-512 F and BW.
-            return unsafe { self.run_avx512(xs, ys) };
-        }
-        self.run_any(xs, ys)
-    }
-
-    /// [`Dequantize::run_any`] compiled for 16 lanes: the same operations, so the same bits.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn run_avx512(&self, xs: &[u8], ys: &mut [f32]) {
-        self.run_any(xs, ys)
-    }
-
     #[inline(always)]
     fn run_any(&self, xs: &[u8], ys: &mut [f32]) {
         let scale = f32::from_bits(self.scale_bits);

@@ -1134,6 +1134,25 @@ mod tests {
         RoundingPolicy::Odd,
     ];
 
+    /// Whether this CPU has the fast kernel (the vector tests have nothing to compare without).
+    fn has_fast_kernel() -> bool {
+        let has = Kernel::fast().is_some();
+        if !has {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+        }
+        has
+    }
+
+    /// A xorshift64 generator: test inputs that cover the i32 range, reproducibly.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     /// The shipped int8 model with every convolution on `kernel` gives tract's logits to the
     /// bit, on a real frame.
     fn matches_tract_on(kernel: Kernel) {
@@ -1180,17 +1199,10 @@ mod tests {
     #[test]
     fn vector_requantization_equals_scalar_steps() {
         use std::arch::x86_64::*;
-        if Kernel::fast().is_none() {
-            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+        if !has_fast_kernel() {
             return;
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for round in 0..4000 {
             let scale = 0.5f32.powi((next() % 14) as i32) * (1.0 + (next() % 1000) as f32 / 1000.0);
             let s = Scaler::new(scale, RoundingPolicy::Even);
@@ -1255,17 +1267,10 @@ mod tests {
     #[test]
     fn vector_steps_equal_scalar_steps() {
         use std::arch::x86_64::*;
-        if Kernel::fast().is_none() {
-            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+        if !has_fast_kernel() {
             return;
         }
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for round in 0..2000 {
             let lanes: [i32; NR] = std::array::from_fn(|_| match round % 3 {
                 0 => next() as i32,

@@ -27,23 +27,9 @@ pub struct Quantize {
     zero_point: u8,
 }
 
+super::with_avx512_copy!(Quantize, run, run_any, xs: &[f32], ys: &mut [u8]);
+
 impl Quantize {
-    fn run(&self, xs: &[f32], ys: &mut [u8]) {
-        #[cfg(target_arch = "x86_64")]
-        if super::has_avx512() {
-            // SAFETY: the CPU has AVX-512 F and BW.
-            return unsafe { self.run_avx512(xs, ys) };
-        }
-        self.run_any(xs, ys)
-    }
-
-    /// [`Quantize::run_any`] compiled for 16 lanes: the same operations, so the same bytes.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn run_avx512(&self, xs: &[f32], ys: &mut [u8]) {
-        self.run_any(xs, ys)
-    }
-
     #[inline(always)]
     fn run_any(&self, xs: &[f32], ys: &mut [u8]) {
         let scale = f32::from_bits(self.scale_bits);
