@@ -274,7 +274,7 @@ impl Geometry {
     }
 
     /// What every im2col of this geometry reads: the padded input and the offset of every tap.
-    pub(super) fn source<T: Copy>(&self, input: &[T], pad: T) -> Source<T> {
+    fn source<T: Copy>(&self, input: &[T], pad: T) -> Source<T> {
         let (hp, wp, src) = self.padded(input, pad);
         // Offset of every tap in the padded input, relative to the pixel's top-left tap.
         let taps: Vec<usize> = (0..self.c)
@@ -312,13 +312,11 @@ impl Geometry {
     }
 
     /// The `K4` layout when panels never straddle two output rows (the width is a multiple of
-    /// `r`), for the output rows from `first_row` on that fit in `out`: for each output row and
-    /// group of four taps, the four input rows the taps read are interleaved into every panel
-    /// of the row at once.
-    pub(super) fn write_k4_rows<T: Copy + Default>(
+    /// `r`): for each output row and group of four taps, the four input rows the taps read are
+    /// interleaved into every panel of the row at once.
+    fn write_k4_rows<T: Copy + Default>(
         &self,
         source: &Source<T>,
-        first_row: usize,
         r: usize,
         panel_len: usize,
         out: &mut [T],
@@ -326,8 +324,8 @@ impl Geometry {
         let (src, wp, taps) = (&source.src[..], source.wp, &source.taps[..]);
         let per_row = self.ow / r;
         let sx = self.sx;
-        for (i, row) in out.chunks_mut(per_row * panel_len).enumerate() {
-            let base = (first_row + i) * self.sy * wp;
+        for (oy, row) in out.chunks_mut(per_row * panel_len).enumerate() {
+            let base = oy * self.sy * wp;
             for (g, group) in taps.chunks(4).enumerate() {
                 let mut at = [usize::MAX; 4];
                 for (a, &off) in at.iter_mut().zip(group) {
@@ -375,7 +373,7 @@ impl Geometry {
         if let Layout::K4 { r } = layout
             && self.ow.is_multiple_of(r)
         {
-            self.write_k4_rows(&source, 0, r, panel_len, out);
+            self.write_k4_rows(&source, r, panel_len, out);
             return;
         }
         let Source { wp, src, taps } = source;
@@ -449,7 +447,7 @@ impl Interleaved {
 }
 
 /// The padded input an im2col reads (`wp` wide) and the offset of every tap in it.
-pub(super) struct Source<T> {
+struct Source<T> {
     wp: usize,
     src: Vec<T>,
     taps: Vec<usize>,

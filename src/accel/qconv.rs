@@ -86,10 +86,9 @@ pub struct QConv {
     /// `steps` when they are the usual requantization, for a branch-free epilogue.
     requant: Option<Requant>,
     out_shape: TVec<usize>,
+    /// The output is `[channel][pixel]` in memory (`geo.n()` pixels a channel), whatever its
+    /// unit axes.
     out_dt: DatumType,
-    /// Element strides of the output's channel and pixel axes.
-    row_stride: usize,
-    col_stride: usize,
     kernel: Kernel,
 }
 
@@ -551,7 +550,6 @@ impl QConv {
             }
         }
         let requant = Requant::of(&steps);
-        let (row_stride, col_stride) = (geo.n(), 1);
         let qconv = QConv {
             geo,
             pad,
@@ -566,8 +564,6 @@ impl QConv {
             requant,
             out_shape,
             out_dt,
-            row_stride,
-            col_stride,
             kernel,
         };
         Some((qconv, x_outlet))
@@ -653,22 +649,15 @@ impl QConv {
     /// `out` is the output's data and `(mi, n0..n0 + NR)` inside it.
     #[inline(always)]
     unsafe fn store(&self, out: *mut u8, mi: usize, n0: usize, row: &[i32; NR]) {
-        let at = mi * self.row_stride + n0 * self.col_stride;
-        let cs = self.col_stride;
+        let at = mi * self.geo.n() + n0;
         // SAFETY: the caller's. tract stores the low byte for 8-bit outputs.
         unsafe {
             if self.out_dt == i32::datum_type() {
-                let o = out.cast::<i32>();
-                for (j, &v) in row.iter().enumerate() {
-                    o.add(at + j * cs).write_unaligned(v);
-                }
-            } else if cs == 1 {
+                let o = out.cast::<i32>().add(at);
+                std::ptr::copy_nonoverlapping(row.as_ptr(), o, NR);
+            } else {
                 let bytes = row.map(|v| v as u8);
                 std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.add(at), NR);
-            } else {
-                for (j, &v) in row.iter().enumerate() {
-                    *out.add(at + j * cs) = v as u8;
-                }
             }
         }
     }
@@ -958,9 +947,8 @@ mod vnni {
 
     /// A [`Requant`]'s constants in registers.
     pub(super) struct RequantLanes {
-        mult: __m512i,
-        count: __m128i,
-        half_minus_one: __m512i,
+        mult: i32,
+        shift: u32,
         scale: __m512d,
         exact: __m512i,
         add: __m512i,
@@ -973,9 +961,8 @@ mod vnni {
         #[inline]
         pub(super) fn new(rq: &Requant) -> RequantLanes {
             RequantLanes {
-                mult: _mm512_set1_epi64(rq.mult as i64),
-                count: _mm_cvtsi32_si128(rq.shift as i32),
-                half_minus_one: _mm512_set1_epi64((1i64 << (rq.shift - 1)) - 1),
+                mult: rq.mult,
+                shift: rq.shift,
                 scale: _mm512_set1_pd(rq.mult as f64 / (1u64 << rq.shift) as f64),
                 // |acc| up to this keeps |acc| * mult below 2^53.
                 exact: _mm512_set1_epi32(
@@ -1002,19 +989,10 @@ mod vnni {
                 let hi = _mm512_cvt_roundpd_epi32::<NEAREST>(_mm512_mul_pd(hi, self.scale));
                 _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
             } else {
-                // tract's i64 arithmetic: (|v| + half - 1 + parity) >> shift, signed like v,
-                // on the even then the odd lanes.
-                let (one, zero) = (_mm512_set1_epi64(1), _mm512_setzero_si512());
-                let round = |v: __m512i| {
-                    let abs = _mm512_abs_epi64(v);
-                    let parity = _mm512_and_si512(_mm512_srl_epi64(abs, self.count), one);
-                    let q = _mm512_add_epi64(_mm512_add_epi64(abs, self.half_minus_one), parity);
-                    let q = _mm512_srl_epi64(q, self.count);
-                    _mm512_mask_sub_epi64(q, _mm512_cmplt_epi64_mask(v, zero), zero, q)
-                };
-                let even = round(_mm512_mul_epi32(acc, self.mult));
-                let odd = round(_mm512_mul_epi32(_mm512_srli_epi64(acc, 32), self.mult));
-                _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32))
+                // tract's i64 arithmetic, as the general steps do it (`Requant::shift` counts
+                // the multiplier's 31 bits, `Scaler::shift` does not).
+                let shift = self.shift as isize - 31;
+                scale(acc, Some(self.mult), shift, RoundingPolicy::Even)
             };
             let added = _mm512_add_epi32(scaled, self.add);
             _mm512_max_epi32(_mm512_min_epi32(added, self.hi), self.lo)
@@ -1027,14 +1005,14 @@ mod vnni {
     /// As [`QConv::store`].
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn finish(conv: &QConv, tile: &[__m512i; MR], m0: usize, n0: usize, out: *mut u8) {
-        let bytes = conv.col_stride == 1 && conv.out_dt != i32::datum_type();
+        let bytes = conv.out_dt != i32::datum_type();
         let rows = MR.min(conv.m - m0);
         if let (Some(rq), true) = (conv.requant, bytes) {
             let rq = RequantLanes::new(&rq);
             for (i, &acc) in tile.iter().enumerate().take(rows) {
                 let mi = m0 + i;
                 let acc = rq.apply(_mm512_add_epi32(acc, _mm512_set1_epi32(conv.offset[mi])));
-                let at = mi * conv.row_stride + n0;
+                let at = mi * conv.geo.n() + n0;
                 // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
                 unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
             }
@@ -1054,7 +1032,7 @@ mod vnni {
                     } => scale(acc, *mult, *shift, *policy),
                 };
             }
-            let at = mi * conv.row_stride + n0 * conv.col_stride;
+            let at = mi * conv.geo.n() + n0;
             if bytes {
                 // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
                 unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
@@ -1135,6 +1113,7 @@ mod tests {
     ];
 
     /// Whether this CPU has the fast kernel (the vector tests have nothing to compare without).
+    #[cfg(target_arch = "x86_64")]
     fn has_fast_kernel() -> bool {
         let has = Kernel::fast().is_some();
         if !has {
@@ -1144,6 +1123,7 @@ mod tests {
     }
 
     /// A xorshift64 generator: test inputs that cover the i32 range, reproducibly.
+    #[cfg(target_arch = "x86_64")]
     fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
         move || {
             seed ^= seed << 13;
