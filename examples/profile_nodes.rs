@@ -20,6 +20,8 @@ fn main() -> Result<()> {
     let runs: usize = args.get(1).map_or(Ok(20), |s| s.parse())?;
     let threads: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
     polypwatch::bench::set_threads(threads);
+    // As `polypwatch` itself does.
+    polypwatch::model::keep_frame_buffers();
     let seg = Segmenter::load(&manifest)?;
     let plan = seg.plan().clone();
     let (h, w) = (

@@ -114,8 +114,7 @@ pub fn load_checked(onnx: &Path, manifest: &Manifest) -> Result<TypedModel, Mode
 
 /// tract's optimisation followed by our own rewrites (see [`crate::accel`]), made runnable.
 pub fn optimize(model: TypedModel) -> TractResult<Plan> {
-    let mut model = model.into_optimized()?;
-    crate::accel::rewrite(&mut model)?;
+    let (model, _) = crate::accel::optimize(model)?;
     model.into_runnable()
 }
 

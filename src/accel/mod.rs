@@ -10,6 +10,7 @@
 //! bit, checked against the operators it replaces on the shipped models, and an operator
 //! outside what a replacement covers is left to tract.
 
+pub mod fconv;
 pub mod im2col;
 pub mod pad;
 pub mod pool;
@@ -38,6 +39,22 @@ pub struct Rewrites {
     pub max_pool: usize,
     /// u8 `DequantizeLinearF32` nodes now [`pool::Dequantize`].
     pub dequantize: usize,
+    /// Float convolutions (with their residual additions and ReLUs) now [`fconv::FConv`]
+    /// (CPUs with a kernel for it).
+    pub fconv: usize,
+}
+
+/// tract's optimisation with every rewrite: float convolutions become [`fconv::FConv`] before
+/// tract lowers them to matrix products, the other rewrites apply to tract's optimised plan.
+pub fn optimize(model: TypedModel) -> TractResult<(TypedModel, Rewrites)> {
+    let mut model = model.into_decluttered()?;
+    let fconv = match fconv::Kernel::fast() {
+        Some(kernel) => fconv::fuse(&mut model, kernel)?,
+        None => 0,
+    };
+    let mut model = model.into_optimized()?;
+    let done = rewrite(&mut model)?;
+    Ok((model, Rewrites { fconv, ..done }))
 }
 
 /// Applies every rewrite to a model tract has optimised.
@@ -52,6 +69,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         qconv: replace_each_wired(model, qconv::replacement)?,
         max_pool: swap_each(model, pool::swap_max_pool)?,
         dequantize: replace_each(model, pool::dequantize)?,
+        fconv: 0,
     })
 }
 

@@ -1,0 +1,951 @@
+//! Float convolutions on polypwatch's own direct kernel (AVX-512 FMA).
+//!
+//! tract runs an f32 convolution as its matrix product over a lazy im2col (the product gathers
+//! each patch column as it packs it) and the ReLU and residual addition after it as separate
+//! passes; on our model that reached 65 GFLOP/s of this CPU's 116 and left the f32 model 1.8x
+//! behind ONNX Runtime. ONNX Runtime's direct (NCHWc) convolutions also skip taps that read
+//! only padding, which the ASPP's dilated convolutions on a 16x16 map are mostly made of.
+//!
+//! [`FConv`] reads a padded copy of its input in place: `[c][row][column phase][column]`, in
+//! which one tap of one channel over 16 neighbouring output pixels is 16 neighbouring floats,
+//! whatever the stride (columns are split by phase) or dilation. A tile is 8 output channels by
+//! 3 such vectors of 16 pixels (24 accumulators); per input channel and tap it loads 3 vectors
+//! and broadcasts 8 weights into 24 fused multiply-adds. Taps that read only padding for a
+//! whole tile are skipped (they add zero). Bias, the residual input and the ReLU that follow
+//! the convolution in the graph are applied to the accumulators before the store.
+//!
+//! The sums come in another order than tract's (tap by tap, then channel), so the output
+//! differs from tract's in the last bits; the tests bound the difference and the shipped
+//! model's test metrics were measured again (BENCHMARKS.md).
+//!
+//! This is a rewrite of the decluttered model ([`fuse`]), before tract's optimiser lowers
+//! convolutions to matrix products. It is only applied where the CPU has AVX-512 F; the
+//! portable kernel beside it computes the same fused multiply-adds in the same order, so that
+//! the layout, tap skipping and epilogue are tested on any CPU (aarch64 under qemu in CI).
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::math::{Add, Max};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use super::SendPtr;
+use super::im2col::Geometry;
+
+/// Output channels per tile.
+const MR: usize = 8;
+/// Pixels per vector: one 512-bit register of f32 lanes.
+const LANES: usize = 16;
+/// Vectors of `LANES` pixels per tile.
+const NV: usize = 3;
+
+/// Floats compared bit by bit (tract's operators must be `Eq`).
+#[derive(Debug, Clone)]
+struct Floats(Arc<Vec<f32>>);
+
+impl PartialEq for Floats {
+    fn eq(&self, other: &Floats) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other.0.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+impl Eq for Floats {}
+
+/// Which tile kernel an [`FConv`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust, the same fused multiply-adds in the same order: for tests on any CPU.
+    Portable,
+    /// AVX-512 F.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    /// The kernel faster than tract's product on this CPU, if there is one.
+    pub fn fast() -> Option<Kernel> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(Kernel::Avx512);
+        }
+        None
+    }
+}
+
+/// A float convolution (group 1, NCHW, batch 1) with its bias, and optionally the residual
+/// addition and the ReLU after it, as one operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FConv {
+    geo: Geometry,
+    /// Output channels.
+    m: usize,
+    /// `[panel][tap][channel][MR]`: `MR` output channels a panel, rows past `m` zero.
+    weights: Floats,
+    /// Per output channel, zero past `m`.
+    bias: Floats,
+    /// Whether a second input (the output's shape) is added before the ReLU.
+    residual: bool,
+    relu: bool,
+    /// Padded rows of the input copy.
+    hp: usize,
+    /// Columns of each phase of a padded row.
+    wq: usize,
+    kernel: Kernel,
+}
+
+/// A tile: up to `NV` vectors of output pixels and the taps that read some of the image.
+struct Tile {
+    /// Offset of each vector's top-left tap in the padded input.
+    at: [usize; NV],
+    /// Each vector's first output pixel (`y * ow + x`) and its pixels inside the row.
+    out: [(usize, usize); NV],
+    vectors: usize,
+    /// Per live tap: its offset from `at` in the padded input, and its weights' offset in a
+    /// panel.
+    taps: Vec<(usize, usize)>,
+}
+
+impl FConv {
+    /// Output pixels a row rounded up to whole vectors.
+    fn vectors_per_row(&self) -> usize {
+        self.geo.ow.div_ceil(LANES)
+    }
+
+    fn tiles(&self) -> usize {
+        (self.geo.oh * self.vectors_per_row()).div_ceil(NV)
+    }
+
+    fn panels(&self) -> usize {
+        self.m.div_ceil(MR)
+    }
+
+    fn row_len(&self) -> usize {
+        self.geo.sx * self.wq
+    }
+
+    fn plane(&self) -> usize {
+        self.hp * self.row_len()
+    }
+
+    fn padded_len(&self) -> usize {
+        self.geo.c * self.plane()
+    }
+
+    /// The operator for `conv` of an input of `shape`, its weights `[m][c][kh][kw]` and bias
+    /// (`m` values or one); `None` outside what it covers.
+    fn new(
+        conv: &Conv,
+        shape: &[usize],
+        kernel_w: &Tensor,
+        bias: &Tensor,
+        kernel: Kernel,
+    ) -> Option<FConv> {
+        if conv.group != 1
+            || conv.q_params.is_some()
+            || conv.kernel_fmt != KernelFormat::OIHW
+            || conv.pool_spec.data_format != DataFormat::NCHW
+            || kernel_w.datum_type() != f32::datum_type()
+            || bias.datum_type() != f32::datum_type()
+        {
+            return None;
+        }
+        let geo = Geometry::new(&conv.pool_spec, shape).ok()?;
+        let &[m, c, kh, kw] = kernel_w.shape() else {
+            return None;
+        };
+        if c != geo.c || kh != geo.kh || kw != geo.kw || geo.oh == 0 || geo.ow == 0 {
+            return None;
+        }
+        let w = kernel_w.try_as_plain_ram().ok()?;
+        let w = w.as_slice::<f32>().ok()?;
+        let b = bias.try_as_plain_ram().ok()?;
+        let b = b.as_slice::<f32>().ok()?;
+        let taps = kh * kw;
+        let panels = m.div_ceil(MR);
+        let mut weights = vec![0f32; panels * taps * c * MR];
+        for mi in 0..m {
+            let (p, r) = (mi / MR, mi % MR);
+            for ci in 0..c {
+                for t in 0..taps {
+                    weights[((p * taps + t) * c + ci) * MR + r] = w[(mi * c + ci) * taps + t];
+                }
+            }
+        }
+        let mut bias = vec![0f32; panels * MR];
+        match b.len() {
+            1 => bias[..m].fill(b[0]),
+            n if n == m => bias[..m].copy_from_slice(b),
+            _ => return None,
+        }
+        let hp = (geo.oh - 1) * geo.sy + (kh - 1) * geo.dy + 1;
+        let wq = geo.ow.div_ceil(LANES) * LANES + ((kw - 1) * geo.dx) / geo.sx;
+        Some(FConv {
+            geo,
+            m,
+            weights: Floats(Arc::new(weights)),
+            bias: Floats(Arc::new(bias)),
+            residual: false,
+            relu: false,
+            hp,
+            wq,
+            kernel,
+        })
+    }
+
+    /// The input, zero-padded, columns split by phase modulo the x stride:
+    /// `[c][hp][sx][wq]`, so that a tap over `LANES` neighbouring output pixels of a row is
+    /// `LANES` neighbouring floats.
+    fn padded(&self, input: &[f32]) -> Vec<f32> {
+        let g = &self.geo;
+        let (row_len, plane) = (self.row_len(), self.plane());
+        let mut out = vec![0f32; self.padded_len()];
+        super::parallel_parts(&mut out, plane, |channels, part| {
+            for (ci, dst) in channels.zip(part.chunks_exact_mut(plane)) {
+                let src = &input[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+                for (y, row) in src.chunks_exact(g.w).enumerate() {
+                    let r = y as isize + g.pad_top;
+                    if r < 0 || r >= self.hp as isize {
+                        continue;
+                    }
+                    let dst = &mut dst[r as usize * row_len..][..row_len];
+                    for ph in 0..g.sx {
+                        let dst = &mut dst[ph * self.wq..][..self.wq];
+                        // Padded column `j * sx + ph` is image column `j * sx + ph - pad_left`.
+                        for (j, d) in dst.iter_mut().enumerate() {
+                            let x = (j * g.sx + ph) as isize - g.pad_left;
+                            if x >= 0 && (x as usize) < g.w {
+                                *d = row[x as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// Offsets of tap `(ky, kx)` in the padded input, from a vector's top-left tap.
+    fn tap_offset(&self, ky: usize, kx: usize) -> usize {
+        let x = kx * self.geo.dx;
+        ky * self.geo.dy * self.row_len() + (x % self.geo.sx) * self.wq + x / self.geo.sx
+    }
+
+    /// Tile `t`'s vectors and live taps (written into `tile`, reusing its buffer).
+    fn tile(&self, t: usize, tile: &mut Tile) {
+        let g = &self.geo;
+        let vw = self.vectors_per_row();
+        let first = t * NV;
+        tile.vectors = (g.oh * vw - first).min(NV);
+        for n in 0..tile.vectors {
+            let (oy, ox) = ((first + n) / vw, (first + n) % vw * LANES);
+            tile.at[n] = oy * g.sy * self.row_len() + ox;
+            tile.out[n] = (oy * g.ow + ox, (g.ow - ox).min(LANES));
+        }
+        tile.taps.clear();
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let live = (0..tile.vectors).any(|n| {
+                    let (oy, ox) = ((first + n) / vw, (first + n) % vw * LANES);
+                    !g.tap_in_padding(oy, ox, tile.out[n].1, ky, kx)
+                });
+                if live {
+                    let w = (ky * g.kw + kx) * g.c * MR;
+                    tile.taps.push((self.tap_offset(ky, kx), w));
+                }
+            }
+        }
+    }
+
+    fn run(&self, input: &Tensor, residual: Option<&Tensor>) -> TractResult<Tensor> {
+        let g = &self.geo;
+        let out_shape = [1, self.m, g.oh, g.ow];
+        ensure!(
+            input.datum_type() == f32::datum_type() && input.len() == g.input_len(),
+            "FConv: input {:?} {:?} does not match the planned convolution",
+            input.datum_type(),
+            input.shape()
+        );
+        let residual = residual.map(|r| r.try_as_plain_ram()).transpose()?;
+        let residual = match &residual {
+            Some(r) => {
+                ensure!(
+                    r.datum_type() == f32::datum_type() && r.shape() == out_shape,
+                    "FConv: residual {:?} {:?} does not match the output {out_shape:?}",
+                    r.datum_type(),
+                    r.shape()
+                );
+                Some(r.as_slice::<f32>()?)
+            }
+            None => None,
+        };
+        let x = self.padded(input.try_as_plain_ram()?.as_slice::<f32>()?);
+        // SAFETY: every tile of every panel stores all its pixels: the whole output.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        let ptr = SendPtr(
+            out.try_as_plain_ram_mut()?
+                .as_slice_mut::<f32>()?
+                .as_mut_ptr(),
+        );
+        let (tiles, panels) = (self.tiles(), self.panels());
+        // Whichever of the input and the weights is larger is read once, the other once per
+        // tile or panel (from cache).
+        let tiles_outer = x.len() >= self.weights.0.len();
+        super::parallel_rows(tiles * panels, |items| {
+            let ptr = &ptr;
+            let mut tile = Tile {
+                at: [0; NV],
+                out: [(0, 0); NV],
+                vectors: 0,
+                taps: Vec::with_capacity(g.kh * g.kw),
+            };
+            let mut current = usize::MAX;
+            for i in items {
+                let (t, p) = if tiles_outer {
+                    (i / panels, i % panels)
+                } else {
+                    (i % tiles, i / tiles)
+                };
+                if t != current {
+                    self.tile(t, &mut tile);
+                    current = t;
+                }
+                // SAFETY: items are disjoint between threads, so are their (tile, panel)
+                // outputs; `run_tile` checks its reads.
+                unsafe { self.run_tile(&x, &tile, p, residual, ptr.0) };
+            }
+        });
+        Ok(out)
+    }
+
+    /// # Safety
+    /// `out` is the output's data, and no other thread writes `tile`'s pixels of panel `p`.
+    unsafe fn run_tile(
+        &self,
+        x: &[f32],
+        tile: &Tile,
+        p: usize,
+        residual: Option<&[f32]>,
+        out: *mut f32,
+    ) {
+        let c = self.geo.c;
+        let panel = self.weights.0.len() / self.panels();
+        let w = &self.weights.0[p * panel..][..panel];
+        let plane = self.plane();
+        // Every read of the kernel inside `x` and `w`.
+        let last = tile.at[..tile.vectors].iter().max().copied().unwrap_or(0)
+            + tile.taps.iter().map(|t| t.0).max().unwrap_or(0)
+            + (c - 1) * plane
+            + LANES;
+        assert!(last <= x.len());
+        assert!(tile.taps.iter().all(|t| t.1 + c * MR <= w.len()));
+        let job = Job {
+            x,
+            w,
+            taps: &tile.taps,
+            at: &tile.at[..tile.vectors],
+            channels: c,
+            plane,
+        };
+        let m0 = p * MR;
+        let n = self.geo.n();
+        if let Some(r) = residual {
+            assert!(
+                tile.out[..tile.vectors]
+                    .iter()
+                    .all(|&(at, len)| { (self.m - 1) * n + at + len <= r.len() })
+            );
+        }
+        let store = Store {
+            out,
+            residual,
+            relu: self.relu,
+            pixels: n,
+            first: m0,
+            rows: (self.m - m0).min(MR),
+            at: &tile.out[..tile.vectors],
+        };
+        let bias = &self.bias.0[m0..m0 + MR];
+        // SAFETY: the reads are checked above, the writes are the caller's; the kernel exists
+        // on this CPU (`Kernel::fast`).
+        unsafe {
+            match self.kernel {
+                Kernel::Portable => Portable::tile(&job, bias, &store),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => avx512::tile(&job, bias, &store),
+            }
+        }
+    }
+}
+
+/// What a tile kernel multiplies: for every live tap and every channel, `at.len()` vectors of
+/// `LANES` floats at `x[at[v] + tap + channel * plane..]` by `MR` weights at
+/// `w[tap_w + channel * MR..]`.
+struct Job<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    taps: &'a [(usize, usize)],
+    at: &'a [usize],
+    channels: usize,
+    plane: usize,
+}
+
+/// Where a tile's results go: channel `first + i` (`i < rows`) of vector `v` is `at[v].1`
+/// pixels from `at[v].0` in channel `first + i` of `out` (`pixels` a channel), after adding
+/// the same pixels of `residual` and the ReLU, as the operator says.
+struct Store<'a> {
+    out: *mut f32,
+    residual: Option<&'a [f32]>,
+    relu: bool,
+    pixels: usize,
+    first: usize,
+    rows: usize,
+    at: &'a [(usize, usize)],
+}
+
+/// `bias[m] + sum over taps, then channels, of w * x` for every channel `m` and pixel, each
+/// step one fused multiply-add, then the residual, the ReLU (`if y > 0 { y } else { 0 }`) and
+/// the store.
+trait TileKernel {
+    /// # Safety
+    /// Every read `Job` and `Store` describe is inside `x`, `w` and `residual`; `Store`'s
+    /// pixels are inside `out` and no other thread writes them; the kernel's instructions
+    /// exist on this CPU.
+    unsafe fn tile(job: &Job, bias: &[f32], store: &Store);
+}
+
+struct Portable;
+
+impl TileKernel for Portable {
+    unsafe fn tile(job: &Job, bias: &[f32], store: &Store) {
+        let mut acc = [[[0f32; LANES]; NV]; MR];
+        for (rows, &b) in acc.iter_mut().zip(bias) {
+            *rows = [[b; LANES]; NV];
+        }
+        for &(tap, tap_w) in job.taps {
+            for ci in 0..job.channels {
+                let w = &job.w[tap_w + ci * MR..][..MR];
+                for (v, &at) in job.at.iter().enumerate() {
+                    let x = &job.x[at + tap + ci * job.plane..][..LANES];
+                    for (rows, &w) in acc.iter_mut().zip(w) {
+                        for (a, &x) in rows[v].iter_mut().zip(x) {
+                            *a = w.mul_add(x, *a);
+                        }
+                    }
+                }
+            }
+        }
+        for (i, rows) in acc.iter_mut().enumerate().take(store.rows) {
+            let channel = (store.first + i) * store.pixels;
+            for (row, &(at, len)) in rows.iter_mut().zip(store.at) {
+                let row = &mut row[..len];
+                if let Some(r) = store.residual {
+                    row.iter_mut()
+                        .zip(&r[channel + at..][..len])
+                        .for_each(|(a, r)| *a += r);
+                }
+                if store.relu {
+                    row.iter_mut()
+                        .for_each(|a| *a = if *a > 0.0 { *a } else { 0.0 });
+                }
+                // SAFETY: the caller's: these pixels are inside `out` and this tile's.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), store.out.add(channel + at), len)
+                };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Job, LANES, MR, Store};
+    use std::arch::x86_64::*;
+
+    /// The AVX-512 tile: `N` vectors in registers, the 8 x `N` accumulators too.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_n<const N: usize>(job: &Job, bias: &[f32], store: &Store) {
+        // SAFETY: the caller's: every read and write is inside its slice.
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); N]; MR];
+            for (a, &b) in a.iter_mut().zip(bias) {
+                *a = [_mm512_set1_ps(b); N];
+            }
+            let mut at = [0usize; N];
+            at.copy_from_slice(&job.at[..N]);
+            for &(tap, tap_w) in job.taps {
+                let mut x = job.x.as_ptr().add(tap);
+                let mut w = job.w.as_ptr().add(tap_w);
+                for _ in 0..job.channels {
+                    let v = at.map(|at| _mm512_loadu_ps(x.add(at)));
+                    for (m, a) in a.iter_mut().enumerate() {
+                        let wm = _mm512_set1_ps(*w.add(m));
+                        for (a, &v) in a.iter_mut().zip(&v) {
+                            *a = _mm512_fmadd_ps(wm, v, *a);
+                        }
+                    }
+                    x = x.add(job.plane);
+                    w = w.add(MR);
+                }
+            }
+            finish(&a, store);
+        }
+    }
+
+    /// The epilogue, out of line: with its loop over a variable number of channels inlined,
+    /// LLVM kept the accumulators in memory throughout the product.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    unsafe fn finish<const N: usize>(a: &[[__m512; N]; MR], store: &Store) {
+        // SAFETY: the caller's: every read and write is inside its slice.
+        unsafe {
+            for (i, rows) in a.iter().enumerate().take(store.rows) {
+                let channel = (store.first + i) * store.pixels;
+                for (&y, &(at, len)) in rows.iter().zip(store.at) {
+                    let mask: __mmask16 = if len >= LANES { !0 } else { (1 << len) - 1 };
+                    let mut y = y;
+                    if let Some(r) = store.residual {
+                        let r = _mm512_maskz_loadu_ps(mask, r.as_ptr().add(channel + at));
+                        y = _mm512_add_ps(y, r);
+                    }
+                    if store.relu {
+                        y = _mm512_max_ps(y, _mm512_setzero_ps());
+                    }
+                    _mm512_mask_storeu_ps(store.out.add(channel + at), mask, y);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`super::TileKernel::tile`]; the CPU has AVX-512 F.
+    pub(super) unsafe fn tile(job: &Job, bias: &[f32], store: &Store) {
+        // SAFETY: the caller's.
+        unsafe {
+            match job.at.len() {
+                3 => tile_n::<3>(job, bias, store),
+                2 => tile_n::<2>(job, bias, store),
+                _ => tile_n::<1>(job, bias, store),
+            }
+        }
+    }
+}
+
+impl Op for FConv {
+    fn name(&self) -> StaticName {
+        "FConv".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for FConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let residual = if self.residual { inputs.get(1) } else { None };
+        Ok(tvec!(
+            self.run(&inputs[0], residual.map(|r| &**r))?.into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for FConv {
+    as_op!();
+
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact([1, self.m, self.geo.oh, self.geo.ow])))
+    }
+}
+
+/// The constant behind `outlet`, if any.
+fn konst(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
+    model.outlet_fact(outlet).ok()?.konst.clone()
+}
+
+/// The only node reading `outlet`, if exactly one does (and it is not a model output).
+fn sole_successor(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
+    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
+    if succ.len() != 1 || model.outputs.contains(&outlet) {
+        return None;
+    }
+    Some(model.node(succ[0].node))
+}
+
+/// `node`'s other input if it is the binary operator `B` of `from` and another outlet.
+fn binary_with<B: BinMiniOp>(node: &TypedNode, from: OutletId) -> Option<OutletId> {
+    let op = node.op_as::<TypedBinOp>()?;
+    if !op.0.is::<B>() || node.inputs.len() != 2 {
+        return None;
+    }
+    match (node.inputs[0] == from, node.inputs[1] == from) {
+        (true, false) => Some(node.inputs[1]),
+        (false, true) => Some(node.inputs[0]),
+        _ => None,
+    }
+}
+
+/// Replaces every float convolution [`FConv`] covers in a decluttered model, with the
+/// residual addition and ReLU that follow it where there are; returns how many.
+pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<Conv>() else {
+            continue;
+        };
+        let [x, w, b] = node.inputs[..] else {
+            continue;
+        };
+        let fact = model.outlet_fact(x)?;
+        let (Some(shape), Some(w), Some(b)) =
+            (fact.shape.as_concrete(), konst(model, w), konst(model, b))
+        else {
+            continue;
+        };
+        if fact.datum_type != f32::datum_type() {
+            continue;
+        }
+        let Some(mut op) = FConv::new(conv, shape, &w, &b, kernel) else {
+            continue;
+        };
+        let out_shape = [1, op.m, op.geo.oh, op.geo.ow];
+        let mut last = OutletId::new(id, 0);
+        let mut inputs = tvec!(x);
+        if let Some(add) = sole_successor(model, last)
+            && let Some(r) = binary_with::<Add>(add, last)
+            && model.outlet_fact(r)?.shape.as_concrete() == Some(&out_shape[..])
+            && model.outlet_fact(r)?.datum_type == f32::datum_type()
+        {
+            op.residual = true;
+            inputs.push(r);
+            last = add.id.into();
+        }
+        if let Some(max) = sole_successor(model, last)
+            && let Some(zero) = binary_with::<Max>(max, last)
+            && let Some(zero) = konst(model, zero)
+            && zero.datum_type() == f32::datum_type()
+            && zero.len() == 1
+            && zero.cast_to_scalar::<f32>()? == 0.0
+        {
+            op.relu = true;
+            last = max.id.into();
+        }
+        let mut patch = TypedModelPatch::default();
+        let taps = inputs
+            .iter()
+            .map(|&i| patch.tap_model(model, i))
+            .collect::<TractResult<TVec<_>>>()?;
+        let name = model.node(last.node).name.clone();
+        let wired = patch.wire_node(format!("{name}.fconv"), op, &taps)?;
+        patch.shunt_outside(model, last, wired[0])?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::fixture_input;
+    use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::math;
+
+    /// A convolution's shape: input `c x h x w`, `m` outputs, kernel, strides, dilations and
+    /// padding (top, left, bottom, right).
+    #[derive(Debug, Clone, Copy)]
+    struct Shape {
+        c: usize,
+        h: usize,
+        w: usize,
+        m: usize,
+        k: (usize, usize),
+        s: (usize, usize),
+        d: (usize, usize),
+        pad: (usize, usize, usize, usize),
+    }
+
+    /// Reproducible values in -1..1.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// `relu(conv(x) + bias [+ skip])` as a decluttered tract model, its inputs, and the
+    /// output's shape.
+    fn conv_model(s: Shape, residual: bool, relu: bool) -> (TypedModel, TVec<TValue>) {
+        let mut model = TypedModel::default();
+        let x = model
+            .add_source("x", f32::fact([1, s.c, s.h, s.w]))
+            .unwrap();
+        let w = Tensor::from_shape(
+            &[s.m, s.c, s.k.0, s.k.1],
+            &values(s.m * s.c * s.k.0 * s.k.1, 1),
+        )
+        .unwrap();
+        let b = Tensor::from_shape(&[s.m], &values(s.m, 2)).unwrap();
+        let w = model.add_const("w", w).unwrap();
+        let b = model.add_const("b", b).unwrap();
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec!(s.k.0, s.k.1),
+                padding: PaddingSpec::Explicit(tvec!(s.pad.0, s.pad.1), tvec!(s.pad.2, s.pad.3)),
+                dilations: Some(tvec!(s.d.0, s.d.1)),
+                strides: Some(tvec!(s.s.0, s.s.1)),
+                input_channels: s.c,
+                output_channels: s.m,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: None,
+        };
+        let mut y = model.wire_node("conv", conv, &[x, w, b]).unwrap()[0];
+        let out_shape = model
+            .outlet_fact(y)
+            .unwrap()
+            .shape
+            .as_concrete()
+            .unwrap()
+            .to_vec();
+        let mut inputs = tvec!(
+            Tensor::from_shape(&[1, s.c, s.h, s.w], &values(s.c * s.h * s.w, 3))
+                .unwrap()
+                .into_tvalue()
+        );
+        if residual {
+            let skip = model.add_source("skip", f32::fact(&out_shape)).unwrap();
+            y = model.wire_node("add", math::add(), &[y, skip]).unwrap()[0];
+            let len = out_shape.iter().product();
+            inputs.push(
+                Tensor::from_shape(&out_shape, &values(len, 4))
+                    .unwrap()
+                    .into_tvalue(),
+            );
+        }
+        if relu {
+            let zero = model.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
+            y = model.wire_node("relu", math::max(), &[y, zero]).unwrap()[0];
+        }
+        model.select_output_outlets(&[y]).unwrap();
+        (model.into_decluttered().unwrap(), inputs)
+    }
+
+    /// Largest difference between two float tensors, relative to the largest magnitude.
+    fn relative_difference(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.shape(), b.shape());
+        let (a, b) = (floats(a), floats(b));
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    fn floats(t: &Tensor) -> Vec<f32> {
+        t.try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
+
+    fn run(model: TypedModel, inputs: &TVec<TValue>) -> Tensor {
+        let plan = model.into_runnable().unwrap();
+        plan.run(inputs.clone()).unwrap()[0].clone().into_tensor()
+    }
+
+    const SHAPES: [Shape; 9] = [
+        // A residual block's 3x3, width a whole number of vectors.
+        Shape {
+            c: 5,
+            h: 8,
+            w: 32,
+            m: 16,
+            k: (3, 3),
+            s: (1, 1),
+            d: (1, 1),
+            pad: (1, 1, 1, 1),
+        },
+        // Partial vectors and a partial channel panel.
+        Shape {
+            c: 3,
+            h: 9,
+            w: 20,
+            m: 11,
+            k: (3, 3),
+            s: (1, 1),
+            d: (1, 1),
+            pad: (1, 1, 1, 1),
+        },
+        // The stem: 7x7, stride 2, odd size.
+        Shape {
+            c: 3,
+            h: 23,
+            w: 37,
+            m: 8,
+            k: (7, 7),
+            s: (2, 2),
+            d: (1, 1),
+            pad: (3, 3, 3, 3),
+        },
+        // Dilated as the ASPP: most taps read only padding, whole tiles skip some.
+        Shape {
+            c: 4,
+            h: 16,
+            w: 16,
+            m: 9,
+            k: (3, 3),
+            s: (1, 1),
+            d: (6, 6),
+            pad: (6, 6, 6, 6),
+        },
+        Shape {
+            c: 4,
+            h: 16,
+            w: 16,
+            m: 8,
+            k: (3, 3),
+            s: (1, 1),
+            d: (18, 18),
+            pad: (18, 18, 18, 18),
+        },
+        // Asymmetric padding, different strides and dilations per axis.
+        Shape {
+            c: 2,
+            h: 12,
+            w: 40,
+            m: 7,
+            k: (3, 5),
+            s: (2, 1),
+            d: (1, 2),
+            pad: (0, 3, 2, 1),
+        },
+        // Stride 3, no padding.
+        Shape {
+            c: 6,
+            h: 14,
+            w: 50,
+            m: 8,
+            k: (2, 2),
+            s: (3, 3),
+            d: (1, 1),
+            pad: (0, 0, 0, 0),
+        },
+        // Output narrower than one vector.
+        Shape {
+            c: 3,
+            h: 5,
+            w: 6,
+            m: 4,
+            k: (3, 3),
+            s: (1, 1),
+            d: (1, 1),
+            pad: (1, 1, 1, 1),
+        },
+        // A map smaller than the kernel.
+        Shape {
+            c: 16,
+            h: 2,
+            w: 1,
+            m: 8,
+            k: (3, 3),
+            s: (1, 1),
+            d: (1, 1),
+            pad: (1, 1, 1, 1),
+        },
+    ];
+
+    /// Every shape, with and without the residual addition and ReLU, gives tract's output to
+    /// float rounding, on the portable kernel and (where the CPU has it) the fast one, which
+    /// agree to the bit.
+    #[test]
+    fn gives_tracts_convolutions() {
+        for shape in SHAPES {
+            for (residual, relu) in [(false, false), (false, true), (true, true)] {
+                let (model, inputs) = conv_model(shape, residual, relu);
+                let reference = run(model.clone(), &inputs);
+                let mut kernels = vec![Kernel::Portable];
+                kernels.extend(Kernel::fast());
+                let mut outputs = vec![];
+                for kernel in kernels {
+                    let mut ours = model.clone();
+                    assert_eq!(fuse(&mut ours, kernel).unwrap(), 1, "{shape:?}");
+                    // The convolution, the addition and the ReLU are one node.
+                    assert_eq!(
+                        ours.nodes().len(),
+                        1 + inputs.len(),
+                        "{shape:?} {residual} {relu}"
+                    );
+                    let out = run(ours, &inputs);
+                    let diff = relative_difference(&reference, &out);
+                    assert!(
+                        diff < 1e-5,
+                        "{shape:?} {residual} {relu} {kernel:?}: {diff}"
+                    );
+                    outputs.push(out);
+                }
+                for out in &outputs[1..] {
+                    assert!(out.as_bytes() == outputs[0].as_bytes(), "{shape:?}");
+                }
+            }
+        }
+    }
+
+    /// The shipped f32 model with every convolution it covers on [`FConv`]: tract's logits to
+    /// float rounding, the same mask, on a real frame.
+    #[test]
+    fn shipped_model_keeps_its_logits() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/polypwatch-edge-f32.onnx");
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .and_then(|m| m.into_typed()?.into_decluttered())
+            .unwrap();
+        let input = tvec!(fixture_input().into_tvalue());
+        let reference = run(model.clone().into_optimized().unwrap(), &input);
+        let mut ours = model;
+        // Every 3x3 and 7x7 convolution but the one on the pooled 1x1 map, which tract
+        // declutters to a product as it does the 1x1 ones.
+        assert_eq!(fuse(&mut ours, Kernel::Portable).unwrap(), 22);
+        let fused: Vec<_> = ours
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<FConv>())
+            .collect();
+        assert_eq!(fused.iter().filter(|c| c.residual).count(), 8);
+        assert_eq!(fused.iter().filter(|c| c.relu).count(), 22);
+        let out = run(ours.into_optimized().unwrap(), &input);
+        let diff = relative_difference(&reference, &out);
+        assert!(diff < 1e-4, "{diff}");
+        let (a, b) = (floats(&reference), floats(&out));
+        let flipped = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| (**x > 0.0) != (**y > 0.0))
+            .count();
+        assert!(
+            flipped * 1000 <= a.len(),
+            "{flipped} of {} pixels changed class",
+            a.len()
+        );
+    }
+}
