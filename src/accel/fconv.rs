@@ -23,6 +23,7 @@
 //! portable kernel beside it computes the same fused multiply-adds in the same order, so that
 //! the layout, tap skipping and epilogue are tested on any CPU (aarch64 under qemu in CI).
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
@@ -206,29 +207,47 @@ impl FConv {
     fn padded(&self, input: &[f32]) -> Vec<f32> {
         let g = &self.geo;
         let (row_len, plane) = (self.row_len(), self.plane());
-        let mut out = vec![0f32; self.padded_len()];
-        super::parallel_parts(&mut out, plane, |channels, part| {
-            for (ci, dst) in channels.zip(part.chunks_exact_mut(plane)) {
-                let src = &input[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-                for (y, row) in src.chunks_exact(g.w).enumerate() {
-                    let r = y as isize + g.pad_top;
-                    if r < 0 || r >= self.hp as isize {
-                        continue;
-                    }
-                    let dst = &mut dst[r as usize * row_len..][..row_len];
-                    for ph in 0..g.sx {
-                        let dst = &mut dst[ph * self.wq..][..self.wq];
-                        // Padded column `j * sx + ph` is image column `j * sx + ph - pad_left`.
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            let x = (j * g.sx + ph) as isize - g.pad_left;
-                            if x >= 0 && (x as usize) < g.w {
-                                *d = row[x as usize];
+        let len = self.padded_len();
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let zero = |d: &mut [MaybeUninit<f32>]| d.iter_mut().for_each(|d| _ = d.write(0.0));
+        // Every element is written once: no memset of the whole buffer first.
+        super::parallel_parts(
+            &mut out.spare_capacity_mut()[..len],
+            plane,
+            |channels, part| {
+                for (ci, dst) in channels.zip(part.chunks_exact_mut(plane)) {
+                    let src = &input[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+                    for (r, dst) in dst.chunks_exact_mut(row_len).enumerate() {
+                        let y = r as isize - g.pad_top;
+                        if y < 0 || y >= g.h as isize {
+                            zero(dst);
+                            continue;
+                        }
+                        let row = &src[y as usize * g.w..][..g.w];
+                        for (ph, dst) in dst.chunks_exact_mut(self.wq).enumerate() {
+                            // Padded column `j * sx + ph` is image column `j * sx - first`: inside
+                            // the image for `j` in `lo..hi`.
+                            let first = g.pad_left - ph as isize;
+                            let (sx, wq) = (g.sx as isize, self.wq as isize);
+                            let lo = ((first.max(0) + sx - 1) / sx).min(wq);
+                            let hi = ((g.w as isize + first + sx - 1) / sx).clamp(lo, wq);
+                            let (lo, hi) = (lo as usize, hi as usize);
+                            zero(&mut dst[..lo]);
+                            if hi > lo {
+                                let x0 = (lo as isize * sx - first) as usize;
+                                let src = row[x0..].iter().step_by(g.sx);
+                                for (d, &v) in dst[lo..hi].iter_mut().zip(src) {
+                                    d.write(v);
+                                }
                             }
+                            zero(&mut dst[hi..]);
                         }
                     }
                 }
-            }
-        });
+            },
+        );
+        // SAFETY: every element of every plane was written above.
+        unsafe { out.set_len(len) };
         out
     }
 
