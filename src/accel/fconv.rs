@@ -88,7 +88,7 @@ pub struct FConv {
     geo: Geometry,
     /// Output channels.
     m: usize,
-    /// `[panel][tap][channel][MR]`: `MR` output channels a panel, rows past `m` zero.
+    /// `[panel][channel][tap][MR]`: `MR` output channels a panel, rows past `m` zero.
     weights: Floats,
     /// Per output channel, zero past `m`.
     bias: Floats,
@@ -176,7 +176,7 @@ impl FConv {
             let (p, r) = (mi / MR, mi % MR);
             for ci in 0..c {
                 for t in 0..taps {
-                    weights[((p * taps + t) * c + ci) * MR + r] = w[(mi * c + ci) * taps + t];
+                    weights[((p * c + ci) * taps + t) * MR + r] = w[(mi * c + ci) * taps + t];
                 }
             }
         }
@@ -276,7 +276,7 @@ impl FConv {
                     !g.tap_in_padding(oy, ox, tile.out[n].1, ky, kx)
                 });
                 if live {
-                    let w = (ky * g.kw + kx) * g.c * MR;
+                    let w = (ky * g.kw + kx) * MR;
                     tile.taps.push((self.tap_offset(ky, kx), w));
                 }
             }
@@ -364,7 +364,8 @@ impl FConv {
             + (c - 1) * plane
             + LANES;
         assert!(last <= x.len());
-        assert!(tile.taps.iter().all(|t| t.1 + c * MR <= w.len()));
+        assert!(tile.taps.iter().all(|t| t.1 + MR <= self.geo.taps() * MR));
+        assert!(w.len() == c * self.geo.taps() * MR);
         let job = Job {
             x,
             w,
@@ -372,6 +373,7 @@ impl FConv {
             at: &tile.at[..tile.vectors],
             channels: c,
             plane,
+            channel_w: self.geo.taps() * MR,
         };
         let m0 = p * MR;
         let n = self.geo.n();
@@ -404,9 +406,9 @@ impl FConv {
     }
 }
 
-/// What a tile kernel multiplies: for every live tap and every channel, `at.len()` vectors of
+/// What a tile kernel multiplies: for every channel and every live tap, `at.len()` vectors of
 /// `LANES` floats at `x[at[v] + tap + channel * plane..]` by `MR` weights at
-/// `w[tap_w + channel * MR..]`.
+/// `w[tap_w + channel * channel_w..]`.
 struct Job<'a> {
     x: &'a [f32],
     w: &'a [f32],
@@ -414,6 +416,8 @@ struct Job<'a> {
     at: &'a [usize],
     channels: usize,
     plane: usize,
+    /// Weights a channel: all its taps, live or not.
+    channel_w: usize,
 }
 
 /// Where a tile's results go: channel `first + i` (`i < rows`) of vector `v` is `at[v].1`
@@ -448,9 +452,9 @@ impl TileKernel for Portable {
         for (rows, &b) in acc.iter_mut().zip(bias) {
             *rows = [[b; LANES]; NV];
         }
-        for &(tap, tap_w) in job.taps {
-            for ci in 0..job.channels {
-                let w = &job.w[tap_w + ci * MR..][..MR];
+        for ci in 0..job.channels {
+            for &(tap, tap_w) in job.taps {
+                let w = &job.w[tap_w + ci * job.channel_w..][..MR];
                 for (v, &at) in job.at.iter().enumerate() {
                     let x = &job.x[at + tap + ci * job.plane..][..LANES];
                     for (rows, &w) in acc.iter_mut().zip(w) {
@@ -499,10 +503,12 @@ mod avx512 {
             }
             let mut at = [0usize; N];
             at.copy_from_slice(&job.at[..N]);
-            for &(tap, tap_w) in job.taps {
-                let mut x = job.x.as_ptr().add(tap);
-                let mut w = job.w.as_ptr().add(tap_w);
-                for _ in 0..job.channels {
+            let (mut x, mut w) = (job.x.as_ptr(), job.w.as_ptr());
+            for _ in 0..job.channels {
+                // A channel's taps read the same few cache lines: they stay in L1, where a
+                // sweep of one tap over all channels did not.
+                for &(tap, tap_w) in job.taps {
+                    let (x, w) = (x.add(tap), w.add(tap_w));
                     let v = at.map(|at| _mm512_loadu_ps(x.add(at)));
                     for (m, a) in a.iter_mut().enumerate() {
                         let wm = _mm512_set1_ps(*w.add(m));
@@ -510,9 +516,9 @@ mod avx512 {
                             *a = _mm512_fmadd_ps(wm, v, *a);
                         }
                     }
-                    x = x.add(job.plane);
-                    w = w.add(MR);
                 }
+                x = x.add(job.plane);
+                w = w.add(job.channel_w);
             }
             finish(&a, store);
         }
