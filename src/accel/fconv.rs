@@ -28,8 +28,10 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::Downsample;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Max};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
@@ -153,8 +155,6 @@ impl FConv {
             || conv.q_params.is_some()
             || conv.kernel_fmt != KernelFormat::OIHW
             || conv.pool_spec.data_format != DataFormat::NCHW
-            || kernel_w.datum_type() != f32::datum_type()
-            || bias.datum_type() != f32::datum_type()
         {
             return None;
         }
@@ -162,14 +162,31 @@ impl FConv {
         let &[m, c, kh, kw] = kernel_w.shape() else {
             return None;
         };
-        if c != geo.c || kh != geo.kh || kw != geo.kw || geo.oh == 0 || geo.ow == 0 {
+        if c != geo.c || kh != geo.kh || kw != geo.kw {
             return None;
         }
-        let w = kernel_w.try_as_plain_ram().ok()?;
-        let w = w.as_slice::<f32>().ok()?;
-        let b = bias.try_as_plain_ram().ok()?;
-        let b = b.as_slice::<f32>().ok()?;
-        let taps = kh * kw;
+        let w = floats(kernel_w)?;
+        let b = floats(bias)?;
+        let b = match b.len() {
+            1 => vec![b[0]; m],
+            n if n == m => b.to_vec(),
+            _ => return None,
+        };
+        FConv::with_weights(geo, m, &w, &b, kernel)
+    }
+
+    /// The operator for geometry `geo`, `m` outputs, weights `[m][c][kh][kw]` and `m` biases.
+    fn with_weights(
+        geo: Geometry,
+        m: usize,
+        w: &[f32],
+        b: &[f32],
+        kernel: Kernel,
+    ) -> Option<FConv> {
+        let (c, kh, kw, taps) = (geo.c, geo.kh, geo.kw, geo.taps());
+        if geo.oh == 0 || geo.ow == 0 || w.len() != m * c * taps || b.len() != m {
+            return None;
+        }
         let panels = m.div_ceil(MR);
         let mut weights = vec![0f32; panels * taps * c * MR];
         for mi in 0..m {
@@ -181,11 +198,7 @@ impl FConv {
             }
         }
         let mut bias = vec![0f32; panels * MR];
-        match b.len() {
-            1 => bias[..m].fill(b[0]),
-            n if n == m => bias[..m].copy_from_slice(b),
-            _ => return None,
-        }
+        bias[..m].copy_from_slice(b);
         let hp = (geo.oh - 1) * geo.sy + (kh - 1) * geo.dy + 1;
         let wq = geo.ow.div_ceil(LANES) * LANES + ((kw - 1) * geo.dx) / geo.sx;
         Some(FConv {
@@ -199,6 +212,64 @@ impl FConv {
             wq,
             kernel,
         })
+    }
+
+    /// The operator for a 1x1 convolution as tract declutters it, `NIHW,OI->NOHW`, of
+    /// `x` through `Downsample`s (a strided 1x1 convolution, read in place), and the outlet it
+    /// reads.
+    fn from_einsum(
+        model: &TypedModel,
+        node: &TypedNode,
+        kernel: Kernel,
+    ) -> Option<(FConv, OutletId)> {
+        let op = node.op_as::<EinSum>()?;
+        if op.q_params.is_some()
+            || op.operating_dt != f32::datum_type()
+            || op.axes.to_string() != "NIHW,OI->NOHW"
+        {
+            return None;
+        }
+        let [x, w] = node.inputs[..] else {
+            return None;
+        };
+        let w = konst(model, w)?;
+        let &[m, c] = w.shape() else {
+            return None;
+        };
+        let (mut at, mut strides) = (x, [1usize, 1]);
+        while let Some(d) = model.node(at.node).op_as::<Downsample>() {
+            match (d.axis, usize::try_from(d.stride), d.modulo) {
+                (2 | 3, Ok(s @ 1..), 0) => strides[d.axis - 2] *= s,
+                _ => return None,
+            }
+            at = model.node(at.node).inputs[0];
+        }
+        let fact = model.outlet_fact(at).ok()?;
+        let shape = fact.shape.as_concrete()?;
+        let out = model
+            .outlet_fact(node.id.into())
+            .ok()?
+            .shape
+            .as_concrete()?
+            .to_vec();
+        if fact.datum_type != f32::datum_type() || shape.get(1) != Some(&c) {
+            return None;
+        }
+        let spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(1, 1),
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: Some(tvec!(strides[0], strides[1])),
+            input_channels: c,
+            output_channels: m,
+        };
+        let geo = Geometry::new(&spec, shape).ok()?;
+        if out != [1, m, geo.oh, geo.ow] {
+            return None;
+        }
+        let op = FConv::with_weights(geo, m, &floats(&w)?, &vec![0.0; m], kernel)?;
+        Some((op, at))
     }
 
     /// The input, zero-padded, columns split by phase modulo the x stride:
@@ -305,7 +376,18 @@ impl FConv {
             }
             None => None,
         };
-        let x = self.padded(input.try_as_plain_ram()?.as_slice::<f32>()?);
+        let input = input.try_as_plain_ram()?;
+        let input = input.as_slice::<f32>()?;
+        let g = &self.geo;
+        // Where the padded layout is the input's own (1x1, stride 1, whole vectors a row),
+        // the kernel reads the input itself.
+        let in_place = self.padded_len() == input.len()
+            && (self.hp, self.wq, g.sx, g.pad_top, g.pad_left) == (g.h, g.w, 1, 0, 0);
+        let x = if in_place {
+            std::borrow::Cow::Borrowed(input)
+        } else {
+            std::borrow::Cow::Owned(self.padded(input))
+        };
         // SAFETY: every tile of every panel stores all its pixels: the whole output.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         let ptr = SendPtr(
@@ -590,6 +672,14 @@ impl TypedOp for FConv {
     }
 }
 
+/// A float tensor's values.
+fn floats(t: &Tensor) -> Option<Vec<f32>> {
+    if t.datum_type() != f32::datum_type() {
+        return None;
+    }
+    Some(t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec())
+}
+
 /// The constant behind `outlet`, if any.
 fn konst(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
     model.outlet_fact(outlet).ok()?.konst.clone()
@@ -617,33 +707,57 @@ fn binary_with<B: BinMiniOp>(node: &TypedNode, from: OutletId) -> Option<OutletI
     }
 }
 
+/// The operator for convolution `node` and the input it reads, if [`FConv`] covers it.
+fn from_conv(
+    model: &TypedModel,
+    node: &TypedNode,
+    conv: &Conv,
+    kernel: Kernel,
+) -> TractResult<Option<(FConv, OutletId)>> {
+    let [x, w, b] = node.inputs[..] else {
+        return Ok(None);
+    };
+    let fact = model.outlet_fact(x)?;
+    let (Some(shape), Some(w), Some(b)) =
+        (fact.shape.as_concrete(), konst(model, w), konst(model, b))
+    else {
+        return Ok(None);
+    };
+    if fact.datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    Ok(FConv::new(conv, shape, &w, &b, kernel).map(|op| (op, x)))
+}
+
 /// Replaces every float convolution [`FConv`] covers in a decluttered model, with the
 /// residual addition and ReLU that follow it where there are; returns how many.
 pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     let mut fused = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(conv) = node.op_as::<Conv>() else {
-            continue;
+        let found = match node.op_as::<Conv>() {
+            Some(conv) => from_conv(model, node, conv, kernel)?,
+            None => FConv::from_einsum(model, node, kernel),
         };
-        let [x, w, b] = node.inputs[..] else {
-            continue;
-        };
-        let fact = model.outlet_fact(x)?;
-        let (Some(shape), Some(w), Some(b)) =
-            (fact.shape.as_concrete(), konst(model, w), konst(model, b))
-        else {
-            continue;
-        };
-        if fact.datum_type != f32::datum_type() {
-            continue;
-        }
-        let Some(mut op) = FConv::new(conv, shape, &w, &b, kernel) else {
+        let Some((mut op, x)) = found else {
             continue;
         };
         let out_shape = [1, op.m, op.geo.oh, op.geo.ow];
         let mut last = OutletId::new(id, 0);
         let mut inputs = tvec!(x);
+        // tract declutters a 1x1 convolution's bias into an addition after the product.
+        if node.op_is::<EinSum>()
+            && let Some(add) = sole_successor(model, last)
+            && let Some(b) = binary_with::<Add>(add, last)
+            && let Some(b) = konst(model, b)
+            && b.shape() == [1, op.m, 1, 1]
+            && let Some(b) = floats(&b)
+        {
+            let mut bias = op.bias.0.to_vec();
+            bias[..op.m].copy_from_slice(&b);
+            op.bias = Floats(Arc::new(bias));
+            last = add.id.into();
+        }
         if let Some(add) = sole_successor(model, last)
             && let Some(r) = binary_with::<Add>(add, last)
             && model.outlet_fact(r)?.shape.as_concrete() == Some(&out_shape[..])
@@ -798,7 +912,7 @@ mod tests {
         plan.run(inputs.clone()).unwrap()[0].clone().into_tensor()
     }
 
-    const SHAPES: [Shape; 9] = [
+    const SHAPES: [Shape; 11] = [
         // A residual block's 3x3, width a whole number of vectors.
         Shape {
             c: 5,
@@ -886,6 +1000,27 @@ mod tests {
             d: (1, 1),
             pad: (1, 1, 1, 1),
         },
+        // 1x1, which tract declutters to a product (through `Downsample`s where strided).
+        Shape {
+            c: 7,
+            h: 4,
+            w: 32,
+            m: 10,
+            k: (1, 1),
+            s: (1, 1),
+            d: (1, 1),
+            pad: (0, 0, 0, 0),
+        },
+        Shape {
+            c: 5,
+            h: 9,
+            w: 35,
+            m: 8,
+            k: (1, 1),
+            s: (2, 2),
+            d: (1, 1),
+            pad: (0, 0, 0, 0),
+        },
         // A map smaller than the kernel.
         Shape {
             c: 16,
@@ -948,16 +1083,23 @@ mod tests {
         let input = tvec!(fixture_input().into_tvalue());
         let reference = run(model.clone().into_optimized().unwrap(), &input);
         let mut ours = model;
-        // Every 3x3 and 7x7 convolution but the one on the pooled 1x1 map, which tract
-        // declutters to a product as it does the 1x1 ones.
-        assert_eq!(fuse(&mut ours, Kernel::Portable).unwrap(), 22);
+        // Every 3x3 and 7x7 convolution (22) and every 1x1 one in the NCHW form (9: the ASPP's
+        // projection is four of them, tract having split it over the concatenation it reads).
+        assert_eq!(fuse(&mut ours, Kernel::Portable).unwrap(), 31);
+        assert!(!ours.nodes().iter().any(|n| n.op_is::<Conv>()));
+        let einsums = ours.nodes().iter().filter(|n| n.op_is::<EinSum>()).count();
+        assert_eq!(
+            einsums, 3,
+            "the ASPP branches tract split to [c][h][w] products"
+        );
         let fused: Vec<_> = ours
             .nodes()
             .iter()
             .filter_map(|n| n.op_as::<FConv>())
             .collect();
-        assert_eq!(fused.iter().filter(|c| c.residual).count(), 8);
-        assert_eq!(fused.iter().filter(|c| c.relu).count(), 22);
+        // 8 residual blocks, and the ASPP projection's partial sums.
+        assert_eq!(fused.iter().filter(|c| c.residual).count(), 12);
+        assert_eq!(fused.iter().filter(|c| c.relu).count(), 24);
         let out = run(ours.into_optimized().unwrap(), &input);
         let diff = relative_difference(&reference, &out);
         assert!(diff < 1e-4, "{diff}");
