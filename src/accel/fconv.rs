@@ -36,6 +36,8 @@ use tract_onnx::tract_core::ops::math::{Add, Max};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::SendPtr;
+
+mod winograd;
 use super::im2col::Geometry;
 
 /// Output channels per tile.
@@ -101,6 +103,8 @@ pub struct FConv {
     hp: usize,
     /// Columns of each phase of a padded row.
     wq: usize,
+    /// Set for 3x3 stride-1 convolutions, which run by Winograd's algorithm instead.
+    winograd: Option<winograd::Winograd>,
     kernel: Kernel,
 }
 
@@ -202,7 +206,7 @@ impl FConv {
         let hp = (geo.oh - 1) * geo.sy + (kh - 1) * geo.dy + 1;
         let wq = geo.ow.div_ceil(LANES) * LANES + ((kw - 1) * geo.dx) / geo.sx;
         Some(FConv {
-            geo,
+            geo: geo.clone(),
             m,
             weights: Floats(Arc::new(weights)),
             bias: Floats(Arc::new(bias)),
@@ -210,6 +214,7 @@ impl FConv {
             relu: false,
             hp,
             wq,
+            winograd: winograd::Winograd::new(&geo, m, w),
             kernel,
         })
     }
@@ -272,54 +277,9 @@ impl FConv {
         Some((op, at))
     }
 
-    /// The input, zero-padded, columns split by phase modulo the x stride:
-    /// `[c][hp][sx][wq]`, so that a tap over `LANES` neighbouring output pixels of a row is
-    /// `LANES` neighbouring floats.
+    /// The input, zero-padded, columns split by phase: [`padded`].
     fn padded(&self, input: &[f32]) -> Vec<f32> {
-        let g = &self.geo;
-        let (row_len, plane) = (self.row_len(), self.plane());
-        let len = self.padded_len();
-        let mut out: Vec<f32> = Vec::with_capacity(len);
-        let zero = |d: &mut [MaybeUninit<f32>]| d.iter_mut().for_each(|d| _ = d.write(0.0));
-        // Every element is written once: no memset of the whole buffer first.
-        super::parallel_parts(
-            &mut out.spare_capacity_mut()[..len],
-            plane,
-            |channels, part| {
-                for (ci, dst) in channels.zip(part.chunks_exact_mut(plane)) {
-                    let src = &input[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-                    for (r, dst) in dst.chunks_exact_mut(row_len).enumerate() {
-                        let y = r as isize - g.pad_top;
-                        if y < 0 || y >= g.h as isize {
-                            zero(dst);
-                            continue;
-                        }
-                        let row = &src[y as usize * g.w..][..g.w];
-                        for (ph, dst) in dst.chunks_exact_mut(self.wq).enumerate() {
-                            // Padded column `j * sx + ph` is image column `j * sx - first`: inside
-                            // the image for `j` in `lo..hi`.
-                            let first = g.pad_left - ph as isize;
-                            let (sx, wq) = (g.sx as isize, self.wq as isize);
-                            let lo = ((first.max(0) + sx - 1) / sx).min(wq);
-                            let hi = ((g.w as isize + first + sx - 1) / sx).clamp(lo, wq);
-                            let (lo, hi) = (lo as usize, hi as usize);
-                            zero(&mut dst[..lo]);
-                            if hi > lo {
-                                let x0 = (lo as isize * sx - first) as usize;
-                                let src = row[x0..].iter().step_by(g.sx);
-                                for (d, &v) in dst[lo..hi].iter_mut().zip(src) {
-                                    d.write(v);
-                                }
-                            }
-                            zero(&mut dst[hi..]);
-                        }
-                    }
-                }
-            },
-        );
-        // SAFETY: every element of every plane was written above.
-        unsafe { out.set_len(len) };
-        out
+        padded(&self.geo, self.hp, self.wq, input)
     }
 
     /// Offsets of tap `(ky, kx)` in the padded input, from a vector's top-left tap.
@@ -383,6 +343,13 @@ impl FConv {
         // the kernel reads the input itself.
         let in_place = self.padded_len() == input.len()
             && (self.hp, self.wq, g.sx, g.pad_top, g.pad_left) == (g.h, g.w, 1, 0, 0);
+        if let Some(wg) = &self.winograd {
+            // SAFETY: `run_winograd` writes every element.
+            let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+            let mut ram = out.try_as_plain_ram_mut()?;
+            self.run_winograd(wg, input, residual, ram.as_slice_mut::<f32>()?);
+            return Ok(out);
+        }
         let x = if in_place {
             std::borrow::Cow::Borrowed(input)
         } else {
@@ -670,6 +637,55 @@ impl TypedOp for FConv {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(f32::fact([1, self.m, self.geo.oh, self.geo.ow])))
     }
+}
+
+/// The input of a convolution of geometry `g`, zero-padded to `hp` rows and `wq` columns a
+/// phase, columns split by phase modulo the x stride: `[c][hp][sx][wq]`, so that a tap over `LANES` neighbouring output pixels of a row is
+/// `LANES` neighbouring floats.
+fn padded(g: &Geometry, hp: usize, wq: usize, input: &[f32]) -> Vec<f32> {
+    let (row_len, plane) = (g.sx * wq, hp * g.sx * wq);
+    let len = g.c * plane;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let zero = |d: &mut [MaybeUninit<f32>]| d.iter_mut().for_each(|d| _ = d.write(0.0));
+    // Every element is written once: no memset of the whole buffer first.
+    super::parallel_parts(
+        &mut out.spare_capacity_mut()[..len],
+        plane,
+        |channels, part| {
+            for (ci, dst) in channels.zip(part.chunks_exact_mut(plane)) {
+                let src = &input[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+                for (r, dst) in dst.chunks_exact_mut(row_len).enumerate() {
+                    let y = r as isize - g.pad_top;
+                    if y < 0 || y >= g.h as isize {
+                        zero(dst);
+                        continue;
+                    }
+                    let row = &src[y as usize * g.w..][..g.w];
+                    for (ph, dst) in dst.chunks_exact_mut(wq).enumerate() {
+                        // Padded column `j * sx + ph` is image column `j * sx - first`: inside
+                        // the image for `j` in `lo..hi`.
+                        let first = g.pad_left - ph as isize;
+                        let (sx, wq) = (g.sx as isize, wq as isize);
+                        let lo = ((first.max(0) + sx - 1) / sx).min(wq);
+                        let hi = ((g.w as isize + first + sx - 1) / sx).clamp(lo, wq);
+                        let (lo, hi) = (lo as usize, hi as usize);
+                        zero(&mut dst[..lo]);
+                        if hi > lo {
+                            let x0 = (lo as isize * sx - first) as usize;
+                            let src = row[x0..].iter().step_by(g.sx);
+                            for (d, &v) in dst[lo..hi].iter_mut().zip(src) {
+                                d.write(v);
+                            }
+                        }
+                        zero(&mut dst[hi..]);
+                    }
+                }
+            }
+        },
+    );
+    // SAFETY: every element of every plane was written above.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// A float tensor's values.

@@ -37,6 +37,8 @@ pub struct Rewrites {
     pub qconv: usize,
     /// Float max pools of dequantized bytes now [`pool::MaxPoolU8`] before the dequantization.
     pub max_pool: usize,
+    /// Other float max pools now [`pool::MaxPoolF32`].
+    pub max_pool_f32: usize,
     /// u8 `DequantizeLinearF32` nodes now [`pool::Dequantize`].
     pub dequantize: usize,
     /// Float convolutions (with their residual additions and ReLUs) now [`fconv::FConv`]
@@ -68,6 +70,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         // After `im2col`: it fuses our im2col with the product that reads it.
         qconv: replace_each_wired(model, qconv::replacement)?,
         max_pool: swap_each(model, pool::swap_max_pool)?,
+        // After `max_pool`, which takes the int8 model's float pooling of bytes.
+        max_pool_f32: replace_each(model, pool::max_pool_f32)?,
         dequantize: replace_each(model, pool::dequantize)?,
         fconv: 0,
     })

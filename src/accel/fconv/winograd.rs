@@ -1,0 +1,538 @@
+//! 3x3 stride-1 convolutions by Winograd's minimal filtering, F(2x2, 3x3) (Lavin and Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016).
+//!
+//! Each 2x2 block of output pixels is `A^T [(G g G^T) . (B^T d B)] A` for its 4x4 input patch
+//! `d`: 16 products per channel pair instead of 36, the products being 16 independent
+//! matrix products (one per position `k` of the 4x4 transformed patch) that run on
+//! [`FConv`]'s tile kernel as 1x1 convolutions over "pixels" that are tiles. 3x3 convolutions
+//! at stride 1 are most of the model's arithmetic; the transforms are additions.
+//!
+//! The sums differ from a direct convolution's by float rounding (the tests bound it).
+
+use super::{
+    FConv, Floats, Geometry, Job, Kernel, LANES, MR, NV, Portable, SendPtr, Store, TileKernel,
+};
+use std::sync::Arc;
+
+/// Positions of a transformed 4x4 patch.
+const K: usize = 16;
+
+/// What an [`FConv`] keeps to run by Winograd's algorithm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Winograd {
+    /// `G g G^T` per position `k`, as the tile kernel's panels: `[k][panel][c][MR]`.
+    weights: Floats,
+    /// Tiles (2x2 output blocks) down and across.
+    th: usize,
+    tw: usize,
+    /// Vectors of `LANES` tiles (`th * tw / LANES`: rows are whole vectors).
+    vectors: usize,
+    /// Tile kernels' worth of vectors (`NV` each, the last maybe fewer).
+    blocks: usize,
+    /// The stride of an output channel in the product's output (`[k][m][tpad]`): the tiles,
+    /// plus a line where that keeps the channels off the same L1 sets.
+    tpad: usize,
+}
+
+/// `LANES` floats, as the transforms use them: an AVX-512 register, or an array for the
+/// portable copy of the code. Both do the same IEEE additions, so the results agree to the bit.
+pub(super) trait Lanes: Copy {
+    /// # Safety
+    /// `n <= LANES` floats readable at `p`; the lanes past `n` are zero.
+    unsafe fn load(p: *const f32, n: usize) -> Self;
+    /// # Safety
+    /// `n <= LANES` floats writable at `p`; the lanes past `n` are not written.
+    unsafe fn store(self, p: *mut f32, n: usize);
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn splat(v: f32) -> Self;
+    /// `if x > 0 { x } else { 0 }` per lane.
+    fn relu(self) -> Self;
+    /// Lanes `a0 b0 a1 b1 ..`: the first `LANES` of them, then the rest.
+    fn interleave(a: Self, b: Self) -> (Self, Self);
+    /// `row[first + 2 l]` and `row[first + 2 l + 1]` for every lane `l`, zero outside `row`.
+    fn even_odd(row: &[f32], first: isize) -> (Self, Self);
+}
+
+impl Lanes for [f32; LANES] {
+    #[inline(always)]
+    unsafe fn load(p: *const f32, n: usize) -> Self {
+        let mut v = [0f32; LANES];
+        // SAFETY: the caller's.
+        unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), n) };
+        v
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32, n: usize) {
+        // SAFETY: the caller's.
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr(), p, n) };
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        std::array::from_fn(|i| self[i] + o[i])
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        std::array::from_fn(|i| self[i] - o[i])
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        [v; LANES]
+    }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        self.map(|x| if x > 0.0 { x } else { 0.0 })
+    }
+    #[inline(always)]
+    fn even_odd(row: &[f32], first: isize) -> (Self, Self) {
+        let at = |i: isize| {
+            usize::try_from(first + i)
+                .ok()
+                .and_then(|i| row.get(i))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        (
+            std::array::from_fn(|l| at(2 * l as isize)),
+            std::array::from_fn(|l| at(2 * l as isize + 1)),
+        )
+    }
+    #[inline(always)]
+    fn interleave(a: Self, b: Self) -> (Self, Self) {
+        let ab = |i: usize| {
+            if i.is_multiple_of(2) {
+                a[i / 2]
+            } else {
+                b[i / 2]
+            }
+        };
+        (
+            std::array::from_fn(ab),
+            std::array::from_fn(|i| ab(i + LANES)),
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{LANES, Lanes};
+    use std::arch::x86_64::*;
+
+    fn mask(n: usize) -> __mmask16 {
+        if n >= LANES { !0 } else { (1 << n) - 1 }
+    }
+
+    // Only called from functions compiled with AVX-512 F (`FConv::transform_*`), into which
+    // these inline.
+    impl Lanes for __m512 {
+        #[inline(always)]
+        unsafe fn load(p: *const f32, n: usize) -> Self {
+            // SAFETY: the caller's; masked lanes are not read.
+            unsafe { _mm512_maskz_loadu_ps(mask(n), p) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32, n: usize) {
+            // SAFETY: the caller's; masked lanes are not written.
+            unsafe { _mm512_mask_storeu_ps(p, mask(n), self) }
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            // SAFETY: AVX-512 F, as above.
+            unsafe { _mm512_add_ps(self, o) }
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            // SAFETY: AVX-512 F, as above.
+            unsafe { _mm512_sub_ps(self, o) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            // SAFETY: AVX-512 F, as above.
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn relu(self) -> Self {
+            // SAFETY: AVX-512 F, as above. `max(x, 0)` returns the second operand unless
+            // `x > 0`.
+            unsafe { _mm512_max_ps(self, _mm512_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn even_odd(row: &[f32], first: isize) -> (Self, Self) {
+            // Lanes of the 32 floats from `first` that are inside `row`.
+            let inside = |from: isize| -> __mmask16 {
+                let lo = (-from).clamp(0, LANES as isize);
+                let hi = (row.len() as isize - from).clamp(lo, LANES as isize);
+                if hi <= lo {
+                    0
+                } else {
+                    mask(hi as usize) & !mask(lo as usize)
+                }
+            };
+            let p = row.as_ptr().wrapping_offset(first);
+            // SAFETY: AVX-512 F, as above; masked lanes are not read, the others are inside
+            // `row`.
+            unsafe {
+                let a = _mm512_maskz_loadu_ps(inside(first), p);
+                let b = _mm512_maskz_loadu_ps(inside(first + 16), p.wrapping_add(16));
+                let even =
+                    _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+                let odd =
+                    _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+                (
+                    _mm512_permutex2var_ps(a, even, b),
+                    _mm512_permutex2var_ps(a, odd, b),
+                )
+            }
+        }
+        #[inline(always)]
+        fn interleave(a: Self, b: Self) -> (Self, Self) {
+            // SAFETY: AVX-512 F, as above.
+            unsafe {
+                let lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+                let hi =
+                    _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+                (
+                    _mm512_permutex2var_ps(a, lo, b),
+                    _mm512_permutex2var_ps(a, hi, b),
+                )
+            }
+        }
+    }
+}
+
+/// `B^T d` along one axis: `(d0 - d2, d1 + d2, d2 - d1, d1 - d3)`.
+#[inline(always)]
+fn bt<L: Lanes>(d: [L; 4]) -> [L; 4] {
+    [
+        d[0].sub(d[2]),
+        d[1].add(d[2]),
+        d[2].sub(d[1]),
+        d[1].sub(d[3]),
+    ]
+}
+
+/// `A^T m` along one axis: `(m0 + m1 + m2, m1 - m2 - m3)`.
+#[inline(always)]
+fn a_t<L: Lanes>(m: [L; 4]) -> [L; 2] {
+    [m[0].add(m[1]).add(m[2]), m[1].sub(m[2]).sub(m[3])]
+}
+
+impl Winograd {
+    /// The plan for a 3x3, stride 1, dilation 1 convolution of geometry `geo` with weights
+    /// `w` (`[m][c][3][3]`); `None` for any other.
+    pub(super) fn new(geo: &Geometry, m: usize, w: &[f32]) -> Option<Winograd> {
+        let g = geo;
+        // Tile rows of whole vectors (`ow` a multiple of 32): a vector never spans two rows.
+        if (g.kh, g.kw, g.sy, g.sx, g.dy, g.dx) != (3, 3, 1, 1, 1, 1)
+            || !g.ow.is_multiple_of(2 * LANES)
+        {
+            return None;
+        }
+        let c = g.c;
+        let panels = m.div_ceil(MR);
+        let mut weights = vec![0f32; K * panels * c * MR];
+        // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+        let gm = [
+            [1.0, 0.0, 0.0],
+            [0.5, 0.5, 0.5],
+            [0.5, -0.5, 0.5],
+            [0.0, 0.0, 1.0f32],
+        ];
+        for mi in 0..m {
+            for ci in 0..c {
+                let f = &w[(mi * c + ci) * 9..][..9];
+                // G f, then (G f) G^T.
+                let gf: [[f32; 3]; 4] = std::array::from_fn(|i| {
+                    std::array::from_fn(|j| (0..3).map(|l| gm[i][l] * f[l * 3 + j]).sum())
+                });
+                for (i, gf) in gf.iter().enumerate() {
+                    for (j, gm) in gm.iter().enumerate() {
+                        let v: f32 = (0..3).map(|l| gf[l] * gm[l]).sum();
+                        let k = i * 4 + j;
+                        weights[((k * panels + mi / MR) * c + ci) * MR + mi % MR] = v;
+                    }
+                }
+            }
+        }
+        let (th, tw) = (g.oh.div_ceil(2), g.ow / 2);
+        let vectors = th * tw / LANES;
+        let mut tpad = vectors * LANES;
+        // The output transform reads one vector per position, `m * tpad` floats apart: an
+        // even number of cache lines (4 KiB for a 64x64 map) maps them to a few L1 sets.
+        if vectors.is_multiple_of(2) {
+            tpad += LANES;
+        }
+        Some(Winograd {
+            weights: Floats(Arc::new(weights)),
+            th,
+            tw,
+            vectors,
+            blocks: vectors.div_ceil(NV),
+            tpad,
+        })
+    }
+
+    /// Where channel `ci`'s vector `v` of position `k` starts in the transformed input,
+    /// `[k][block][c][NV * LANES]`: what one tile kernel reads is contiguous (it read 176
+    /// strided streams before, too many for the prefetcher).
+    fn u_at(&self, c: usize, k: usize, v: usize, ci: usize) -> usize {
+        ((k * self.blocks + v / NV) * c + ci) * NV * LANES + (v % NV) * LANES
+    }
+}
+
+impl FConv {
+    /// The convolution of `input` into `out` (`[m][oh][ow]`) by [`Winograd`].
+    pub(super) fn run_winograd(
+        &self,
+        wg: &Winograd,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let g = &self.geo;
+        let (c, m, tpad) = (g.c, self.m, wg.tpad);
+        let u_len = K * wg.blocks * c * NV * LANES;
+        let mut u: Vec<f32> = Vec::with_capacity(u_len);
+        let ptr = SendPtr(u.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        super::super::parallel_rows(c, |channels| {
+            let ptr = &ptr;
+            for ci in channels {
+                // SAFETY: channel `ci`'s vectors of `u` are this thread's alone.
+                unsafe { self.transform_input(wg, input, ci, ptr.0) };
+                // A last block of fewer than `NV` vectors: the rest (never read) zeroed.
+                for k in 0..K {
+                    for v in wg.vectors..wg.blocks * NV {
+                        // SAFETY: inside `u`, channel `ci`'s.
+                        unsafe { std::ptr::write_bytes(ptr.0.add(wg.u_at(c, k, v, ci)), 0, LANES) };
+                    }
+                }
+            }
+        });
+        // SAFETY: every float of `u` was written just above.
+        unsafe { u.set_len(u_len) };
+        let mut v: Vec<f32> = Vec::with_capacity(K * m * tpad);
+        let panels = self.panels();
+        let ptr = SendPtr(v.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        let zeros = [0f32; MR];
+        let block = c * NV * LANES;
+        super::super::parallel_rows(K * wg.blocks * panels, |items| {
+            let ptr = &ptr;
+            for i in items {
+                let (kb, p) = (i / panels, i % panels);
+                let (k, b) = (kb / wg.blocks, kb % wg.blocks);
+                let n = (wg.vectors - b * NV).min(NV);
+                let at: [usize; NV] = std::array::from_fn(|j| j * LANES);
+                let pixels: [(usize, usize); NV] =
+                    std::array::from_fn(|j| ((b * NV + j) * LANES, LANES));
+                let job = Job {
+                    x: &u[kb * block..][..block],
+                    w: &wg.weights.0[(k * panels + p) * c * MR..][..c * MR],
+                    taps: &[(0, 0)],
+                    at: &at[..n],
+                    channels: c,
+                    plane: NV * LANES,
+                    channel_w: MR,
+                };
+                let store = Store {
+                    // SAFETY: position `k`'s block of `v`.
+                    out: unsafe { ptr.0.add(k * m * tpad) },
+                    residual: None,
+                    relu: false,
+                    pixels: tpad,
+                    first: p * MR,
+                    rows: (m - p * MR).min(MR),
+                    at: &pixels[..n],
+                };
+                // SAFETY: every read is inside `u` and the weights (the slices above); items
+                // write disjoint (k, channel, vector) blocks of `v`.
+                unsafe {
+                    match self.kernel {
+                        Kernel::Portable => Portable::tile(&job, &zeros, &store),
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx512 => super::avx512::tile(&job, &zeros, &store),
+                    }
+                }
+            }
+        });
+        // SAFETY: the product wrote every float but the line of padding a channel.
+        unsafe { v.set_len(K * m * tpad) };
+        super::super::parallel_parts(out, g.oh * g.ow, |channels, part| {
+            for (mi, plane) in channels.zip(part.chunks_mut(g.oh * g.ow)) {
+                let r = residual.map(|r| &r[mi * g.oh * g.ow..][..g.oh * g.ow]);
+                self.transform_output(wg, &v, mi, r, plane);
+            }
+        });
+    }
+
+    /// `B^T d B` for every tile of channel `ci`, into `u` (`[k][c][tpad]`).
+    ///
+    /// # Safety
+    /// `u` holds `K * c * tpad` floats, of which no other thread writes channel `ci`'s.
+    unsafe fn transform_input(&self, wg: &Winograd, x: &[f32], ci: usize, u: *mut f32) {
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel != Kernel::Portable {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn wide(conv: &FConv, wg: &Winograd, x: &[f32], ci: usize, u: *mut f32) {
+                use std::arch::x86_64::__m512;
+                // SAFETY: the caller's.
+                unsafe { conv.transform_input_any::<__m512>(wg, x, ci, u) }
+            }
+            // SAFETY: the caller's; a kernel other than the portable one means AVX-512 F.
+            return unsafe { wide(self, wg, x, ci, u) };
+        }
+        // SAFETY: the caller's.
+        unsafe { self.transform_input_any::<[f32; LANES]>(wg, x, ci, u) }
+    }
+
+    /// # Safety
+    /// As [`FConv::transform_input`].
+    // The index runs down the columns of a 4x4 array: clearer than the iterators.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn transform_input_any<L: Lanes>(
+        &self,
+        wg: &Winograd,
+        x: &[f32],
+        ci: usize,
+        u: *mut f32,
+    ) {
+        let g = &self.geo;
+        let x = &x[ci * g.h * g.w..][..g.h * g.w];
+        let zero = L::splat(0.0);
+        for ty in 0..wg.th {
+            // The patch's rows, `None` where they are padding. (Plain loops here, not
+            // `array::from_fn`: its closures are functions of their own, compiled without
+            // AVX-512, and the intrinsics in them were calls.)
+            let mut rows: [Option<&[f32]>; 4] = [None; 4];
+            for (i, r) in rows.iter_mut().enumerate() {
+                let y = (2 * ty + i) as isize - g.pad_top;
+                if (0..g.h as isize).contains(&y) {
+                    *r = Some(&x[y as usize * g.w..][..g.w]);
+                }
+            }
+            for tx in (0..wg.tw).step_by(LANES) {
+                // Patch element (i, j) of `LANES` neighbouring tiles: row 2 ty + i, column
+                // 2 tx + j: the even and odd columns from 2 tx - pad_left, and from 2 further.
+                let first = (2 * tx) as isize - g.pad_left;
+                let mut d = [[zero; 4]; 4];
+                for (d, row) in d.iter_mut().zip(rows) {
+                    if let Some(row) = row {
+                        let (e0, o0) = L::even_odd(row, first);
+                        let (e1, o1) = L::even_odd(row, first + 2);
+                        *d = [e0, o0, e1, o1];
+                    }
+                }
+                // B^T down each column, then across each row.
+                let mut cols = [[zero; 4]; 4];
+                for (j, col) in cols.iter_mut().enumerate() {
+                    *col = bt([d[0][j], d[1][j], d[2][j], d[3][j]]);
+                }
+                let v = (ty * wg.tw + tx) / LANES;
+                for i in 0..4 {
+                    let t = bt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
+                    for (j, t) in t.into_iter().enumerate() {
+                        let at = wg.u_at(g.c, i * 4 + j, v, ci);
+                        // SAFETY: `at..at + LANES` is inside `u` (the caller's), and channel
+                        // `ci`'s.
+                        unsafe { t.store(u.add(at), LANES) };
+                    }
+                }
+            }
+        }
+    }
+
+    /// `A^T m A` for every tile of output channel `mi`, plus bias, residual and ReLU, into
+    /// `out` (that channel's `oh x ow` plane).
+    fn transform_output(
+        &self,
+        wg: &Winograd,
+        v: &[f32],
+        mi: usize,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel != Kernel::Portable {
+            #[target_feature(enable = "avx512f")]
+            fn wide(
+                conv: &FConv,
+                wg: &Winograd,
+                v: &[f32],
+                mi: usize,
+                residual: Option<&[f32]>,
+                out: &mut [f32],
+            ) {
+                use std::arch::x86_64::__m512;
+                conv.transform_output_any::<__m512>(wg, v, mi, residual, out)
+            }
+            // SAFETY: a kernel other than the portable one means AVX-512 F.
+            return unsafe { wide(self, wg, v, mi, residual, out) };
+        }
+        self.transform_output_any::<[f32; LANES]>(wg, v, mi, residual, out)
+    }
+
+    // The index runs down the columns of a 4x2 array: clearer than the iterators.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    fn transform_output_any<L: Lanes>(
+        &self,
+        wg: &Winograd,
+        v: &[f32],
+        mi: usize,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let (oh, ow, m, tpad) = (self.geo.oh, self.geo.ow, self.m, wg.tpad);
+        assert!(out.len() == oh * ow && residual.is_none_or(|r| r.len() == oh * ow));
+        assert!(v.len() == K * m * tpad);
+        let bias = L::splat(self.bias.0[mi]);
+        for ty in 0..wg.th {
+            for tx in (0..wg.tw).step_by(LANES) {
+                let n = (wg.tw - tx).min(LANES);
+                let at = ty * wg.tw + tx;
+                let zero = L::splat(0.0);
+                let mut mk = [[zero; 4]; 4];
+                for (i, row) in mk.iter_mut().enumerate() {
+                    for (j, e) in row.iter_mut().enumerate() {
+                        // SAFETY: `(k, mi, at..at + n)` is inside `v` (asserted lengths).
+                        *e = unsafe {
+                            L::load(v.as_ptr().add(((i * 4 + j) * m + mi) * tpad + at), n)
+                        };
+                    }
+                }
+                let mut cols = [[zero; 2]; 4];
+                for (j, col) in cols.iter_mut().enumerate() {
+                    *col = a_t([mk[0][j], mk[1][j], mk[2][j], mk[3][j]]);
+                }
+                // Output columns 2 tx .. 2 (tx + n), cropped to the width.
+                let width = (2 * n).min(ow - 2 * tx);
+                for a in 0..2 {
+                    let oy = 2 * ty + a;
+                    if oy >= oh {
+                        break;
+                    }
+                    let y = a_t([cols[0][a], cols[1][a], cols[2][a], cols[3][a]]);
+                    let (lo, hi) = L::interleave(y[0], y[1]);
+                    let row = oy * ow + 2 * tx;
+                    for (h, mut y) in [lo, hi].into_iter().enumerate() {
+                        let len = width.saturating_sub(h * LANES).min(LANES);
+                        if len == 0 {
+                            break;
+                        }
+                        let at = row + h * LANES;
+                        y = y.add(bias);
+                        if let Some(r) = residual {
+                            // SAFETY: `at + len <= oh * ow`, the residual's length.
+                            y = y.add(unsafe { L::load(r.as_ptr().add(at), len) });
+                        }
+                        if self.relu {
+                            y = y.relu();
+                        }
+                        // SAFETY: as above, `out`'s length.
+                        unsafe { y.store(out.as_mut_ptr().add(at), len) };
+                    }
+                }
+            }
+        }
+    }
+}
