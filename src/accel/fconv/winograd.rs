@@ -32,6 +32,69 @@ pub(super) struct Winograd {
     /// The stride of an output channel in the product's output (`[k][m][tpad]`): the tiles,
     /// plus a line where that keeps the channels off the same L1 sets.
     tpad: usize,
+    /// For a dilated convolution, or one whose tile rows are not whole vectors: where each
+    /// lane reads and writes (`None`: rows of contiguous tiles, read as even/odd columns).
+    gathered: Option<Gathered>,
+}
+
+/// Offsets in a channel's plane (`-1`: outside, padding) for every vector of `LANES` tiles.
+///
+/// A dilation-`d` convolution is `d x d` undilated ones, one per phase of the output
+/// (`oy % d`, `ox % d`), each over the input pixels of that phase: each phase is tiled into
+/// 2x2 blocks of its own pixels, and the tiles of all phases are numbered one after another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Gathered {
+    /// Patch element `k` of vector `v`'s tiles: `[v * 16 + k]`.
+    input: Vec<[i32; LANES]>,
+    /// Output `(a, b)` of vector `v`'s tiles: `[v * 4 + a * 2 + b]`.
+    output: Vec<[i32; LANES]>,
+}
+
+impl Gathered {
+    /// The tables for geometry `g` (3x3, stride 1, dilation `dy` = `dx`), and the number of
+    /// tiles.
+    fn new(g: &Geometry) -> Gathered {
+        let d = g.dy;
+        let mut tiles = vec![];
+        for p in 0..d.min(g.oh) {
+            for q in 0..d.min(g.ow) {
+                let (rows, cols) = ((g.oh - p).div_ceil(d), (g.ow - q).div_ceil(d));
+                for ta in 0..rows.div_ceil(2) {
+                    for tb in 0..cols.div_ceil(2) {
+                        tiles.push((p + 2 * d * ta, q + 2 * d * tb));
+                    }
+                }
+            }
+        }
+        let vectors = tiles.len().div_ceil(LANES);
+        let mut input = vec![[-1; LANES]; vectors * 16];
+        let mut output = vec![[-1; LANES]; vectors * 4];
+        for (t, &(oy, ox)) in tiles.iter().enumerate() {
+            let (v, lane) = (t / LANES, t % LANES);
+            for i in 0..4 {
+                for j in 0..4 {
+                    let y = (oy + d * i) as isize - g.pad_top;
+                    let x = (ox + d * j) as isize - g.pad_left;
+                    if (0..g.h as isize).contains(&y) && (0..g.w as isize).contains(&x) {
+                        input[v * 16 + i * 4 + j][lane] = (y * g.w as isize + x) as i32;
+                    }
+                }
+            }
+            for a in 0..2 {
+                for b in 0..2 {
+                    let (y, x) = (oy + d * a, ox + d * b);
+                    if y < g.oh && x < g.ow {
+                        output[v * 4 + a * 2 + b][lane] = (y * g.ow + x) as i32;
+                    }
+                }
+            }
+        }
+        Gathered { input, output }
+    }
+
+    fn vectors(&self) -> usize {
+        self.output.len() / 4
+    }
 }
 
 /// `LANES` floats, as the transforms use them: an AVX-512 register, or an array for the
@@ -52,6 +115,16 @@ pub(super) trait Lanes: Copy {
     fn interleave(a: Self, b: Self) -> (Self, Self);
     /// `row[first + 2 l]` and `row[first + 2 l + 1]` for every lane `l`, zero outside `row`.
     fn even_odd(row: &[f32], first: isize) -> (Self, Self);
+    /// `x[at[l]]` for every lane, zero where `at[l] < 0`.
+    ///
+    /// # Safety
+    /// Every `at[l] >= 0` is inside `x`.
+    unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self;
+    /// `x[at[l]] = self[l]` for every lane where `at[l] >= 0`.
+    ///
+    /// # Safety
+    /// Every `at[l] >= 0` is inside `x`, and they differ.
+    unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]);
 }
 
 impl Lanes for [f32; LANES] {
@@ -82,6 +155,18 @@ impl Lanes for [f32; LANES] {
     #[inline(always)]
     fn relu(self) -> Self {
         self.map(|x| if x > 0.0 { x } else { 0.0 })
+    }
+    #[inline(always)]
+    unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self {
+        at.map(|i| if i >= 0 { x[i as usize] } else { 0.0 })
+    }
+    #[inline(always)]
+    unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]) {
+        for (&v, &i) in self.iter().zip(at) {
+            if i >= 0 {
+                x[i as usize] = v;
+            }
+        }
     }
     #[inline(always)]
     fn even_odd(row: &[f32], first: isize) -> (Self, Self) {
@@ -157,6 +242,24 @@ mod avx512 {
             unsafe { _mm512_max_ps(self, _mm512_setzero_ps()) }
         }
         #[inline(always)]
+        unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self {
+            // SAFETY: the caller's: lanes with `at >= 0` are inside `x`, the others masked.
+            unsafe {
+                let idx = _mm512_loadu_si512(at.as_ptr().cast());
+                let live = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, idx, x.as_ptr())
+            }
+        }
+        #[inline(always)]
+        unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]) {
+            // SAFETY: the caller's: lanes with `at >= 0` are inside `x`, the others masked.
+            unsafe {
+                let idx = _mm512_loadu_si512(at.as_ptr().cast());
+                let live = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+                _mm512_mask_i32scatter_ps::<4>(x.as_mut_ptr(), live, idx, self)
+            }
+        }
+        #[inline(always)]
         fn even_odd(row: &[f32], first: isize) -> (Self, Self) {
             // Lanes of the 32 floats from `first` that are inside `row`.
             let inside = |from: isize| -> __mmask16 {
@@ -200,6 +303,36 @@ mod avx512 {
     }
 }
 
+/// `B^T d B` of vector `v`'s patches `d` (`[i][j]`), into `u` (`[k][block][c][NV * LANES]`).
+///
+/// # Safety
+/// `u` holds the whole transformed input, of which no other thread writes channel `ci`'s.
+// The index runs down the columns of a 4x4 array: clearer than the iterators.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn store_input<L: Lanes>(
+    wg: &Winograd,
+    c: usize,
+    d: [[L; 4]; 4],
+    v: usize,
+    ci: usize,
+    u: *mut f32,
+) {
+    // B^T down each column, then across each row.
+    let mut cols = [[L::splat(0.0); 4]; 4];
+    for (j, col) in cols.iter_mut().enumerate() {
+        *col = bt([d[0][j], d[1][j], d[2][j], d[3][j]]);
+    }
+    for i in 0..4 {
+        let t = bt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
+        for (j, t) in t.into_iter().enumerate() {
+            let at = wg.u_at(c, i * 4 + j, v, ci);
+            // SAFETY: `at..at + LANES` is inside `u` (the caller's), and channel `ci`'s.
+            unsafe { t.store(u.add(at), LANES) };
+        }
+    }
+}
+
 /// `B^T d` along one axis: `(d0 - d2, d1 + d2, d2 - d1, d1 - d3)`.
 #[inline(always)]
 fn bt<L: Lanes>(d: [L; 4]) -> [L; 4] {
@@ -222,9 +355,15 @@ impl Winograd {
     /// `w` (`[m][c][3][3]`); `None` for any other.
     pub(super) fn new(geo: &Geometry, m: usize, w: &[f32]) -> Option<Winograd> {
         let g = geo;
-        // Tile rows of whole vectors (`ow` a multiple of 32): a vector never spans two rows.
-        if (g.kh, g.kw, g.sy, g.sx, g.dy, g.dx) != (3, 3, 1, 1, 1, 1)
-            || !g.ow.is_multiple_of(2 * LANES)
+        // A dilated convolution's phases must be large enough to tile: on the ASPP's 16x16
+        // map at dilation 6 and more, the direct kernel's skipping of taps that read only
+        // padding does less work.
+        if (g.kh, g.kw, g.sy, g.sx) != (3, 3, 1, 1)
+            || g.dy != g.dx
+            || g.oh / g.dy < 8
+            || g.ow / g.dx < 8
+            || g.h * g.w > i32::MAX as usize
+            || g.oh * g.ow > i32::MAX as usize
         {
             return None;
         }
@@ -255,7 +394,13 @@ impl Winograd {
             }
         }
         let (th, tw) = (g.oh.div_ceil(2), g.ow / 2);
-        let vectors = th * tw / LANES;
+        // Tile rows of whole vectors (`ow` a multiple of 32) are read in place; otherwise
+        // through tables.
+        let gathered = (g.dy != 1 || !g.ow.is_multiple_of(2 * LANES)).then(|| Gathered::new(g));
+        let vectors = match &gathered {
+            Some(t) => t.vectors(),
+            None => th * tw / LANES,
+        };
         let mut tpad = vectors * LANES;
         // The output transform reads one vector per position, `m * tpad` floats apart: an
         // even number of cache lines (4 KiB for a 64x64 map) maps them to a few L1 sets.
@@ -269,6 +414,7 @@ impl Winograd {
             vectors,
             blocks: vectors.div_ceil(NV),
             tpad,
+            gathered,
         })
     }
 
@@ -399,6 +545,20 @@ impl FConv {
         let g = &self.geo;
         let x = &x[ci * g.h * g.w..][..g.h * g.w];
         let zero = L::splat(0.0);
+        if let Some(tables) = &wg.gathered {
+            for v in 0..wg.vectors {
+                let mut d = [[zero; 4]; 4];
+                for (i, row) in d.iter_mut().enumerate() {
+                    for (j, e) in row.iter_mut().enumerate() {
+                        // SAFETY: the tables' offsets are inside a channel's plane.
+                        *e = unsafe { L::gather(x, &tables.input[v * 16 + i * 4 + j]) };
+                    }
+                }
+                // SAFETY: the caller's.
+                unsafe { store_input(wg, g.c, d, v, ci, u) };
+            }
+            return;
+        }
         for ty in 0..wg.th {
             // The patch's rows, `None` where they are padding. (Plain loops here, not
             // `array::from_fn`: its closures are functions of their own, compiled without
@@ -422,21 +582,8 @@ impl FConv {
                         *d = [e0, o0, e1, o1];
                     }
                 }
-                // B^T down each column, then across each row.
-                let mut cols = [[zero; 4]; 4];
-                for (j, col) in cols.iter_mut().enumerate() {
-                    *col = bt([d[0][j], d[1][j], d[2][j], d[3][j]]);
-                }
-                let v = (ty * wg.tw + tx) / LANES;
-                for i in 0..4 {
-                    let t = bt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
-                    for (j, t) in t.into_iter().enumerate() {
-                        let at = wg.u_at(g.c, i * 4 + j, v, ci);
-                        // SAFETY: `at..at + LANES` is inside `u` (the caller's), and channel
-                        // `ci`'s.
-                        unsafe { t.store(u.add(at), LANES) };
-                    }
-                }
+                // SAFETY: the caller's.
+                unsafe { store_input(wg, g.c, d, (ty * wg.tw + tx) / LANES, ci, u) };
             }
         }
     }
@@ -486,6 +633,40 @@ impl FConv {
         assert!(out.len() == oh * ow && residual.is_none_or(|r| r.len() == oh * ow));
         assert!(v.len() == K * m * tpad);
         let bias = L::splat(self.bias.0[mi]);
+        if let Some(tables) = &wg.gathered {
+            let zero = L::splat(0.0);
+            for vi in 0..wg.vectors {
+                let mut mk = [[zero; 4]; 4];
+                for (i, row) in mk.iter_mut().enumerate() {
+                    for (j, e) in row.iter_mut().enumerate() {
+                        let at = ((i * 4 + j) * m + mi) * tpad + vi * LANES;
+                        // SAFETY: inside `v` (asserted length).
+                        *e = unsafe { L::load(v.as_ptr().add(at), LANES) };
+                    }
+                }
+                let mut cols = [[zero; 2]; 4];
+                for (j, col) in cols.iter_mut().enumerate() {
+                    *col = a_t([mk[0][j], mk[1][j], mk[2][j], mk[3][j]]);
+                }
+                for a in 0..2 {
+                    let y = a_t([cols[0][a], cols[1][a], cols[2][a], cols[3][a]]);
+                    for (b, mut y) in y.into_iter().enumerate() {
+                        let at = &tables.output[vi * 4 + a * 2 + b];
+                        y = y.add(bias);
+                        if let Some(r) = residual {
+                            // SAFETY: the tables' offsets are inside a channel's plane.
+                            y = y.add(unsafe { L::gather(r, at) });
+                        }
+                        if self.relu {
+                            y = y.relu();
+                        }
+                        // SAFETY: as above; a tile's outputs are distinct pixels.
+                        unsafe { y.scatter(out, at) };
+                    }
+                }
+            }
+            return;
+        }
         for ty in 0..wg.th {
             for tx in (0..wg.tw).step_by(LANES) {
                 let n = (wg.tw - tx).min(LANES);
