@@ -143,6 +143,15 @@ pub(crate) fn parallel_rows(rows: usize, f: impl Fn(std::ops::Range<usize>) + Sy
     }
 }
 
+/// How many threads [`parallel_rows`] shares work between.
+pub(crate) fn threads() -> usize {
+    use tract_linalg::multithread::{Executor, current_tract_executor};
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => pool.current_num_threads().max(1),
+        _ => 1,
+    }
+}
+
 /// Whether this CPU has AVX-512 F and BW, for the operators that have a copy compiled for them
 /// (the same code, so the same results, on 16 lanes instead of 4).
 #[cfg(target_arch = "x86_64")]

@@ -12,6 +12,7 @@
 use super::{
     FConv, Floats, Geometry, Job, Kernel, LANES, MR, NV, Portable, SendPtr, Store, TileKernel,
 };
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Positions of a transformed 4x4 patch.
@@ -303,6 +304,24 @@ mod avx512 {
     }
 }
 
+/// Where the transformed input of vectors `first..` goes: `[k][block][c][NV * LANES]`, what
+/// one tile kernel reads contiguous (it read 176 strided streams before, too many for the
+/// prefetcher).
+#[derive(Clone, Copy)]
+struct Layout {
+    channels: usize,
+    blocks: usize,
+    first: usize,
+}
+
+impl Layout {
+    /// Where channel `ci`'s vector `v` of position `k` starts.
+    fn at(&self, k: usize, v: usize, ci: usize) -> usize {
+        let v = v - self.first;
+        ((k * self.blocks + v / NV) * self.channels + ci) * NV * LANES + (v % NV) * LANES
+    }
+}
+
 /// `B^T d B` of vector `v`'s patches `d` (`[i][j]`), into `u` (`[k][block][c][NV * LANES]`).
 ///
 /// # Safety
@@ -310,14 +329,7 @@ mod avx512 {
 // The index runs down the columns of a 4x4 array: clearer than the iterators.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn store_input<L: Lanes>(
-    wg: &Winograd,
-    c: usize,
-    d: [[L; 4]; 4],
-    v: usize,
-    ci: usize,
-    u: *mut f32,
-) {
+unsafe fn store_input<L: Lanes>(layout: Layout, d: [[L; 4]; 4], v: usize, ci: usize, u: *mut f32) {
     // B^T down each column, then across each row.
     let mut cols = [[L::splat(0.0); 4]; 4];
     for (j, col) in cols.iter_mut().enumerate() {
@@ -326,7 +338,7 @@ unsafe fn store_input<L: Lanes>(
     for i in 0..4 {
         let t = bt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
         for (j, t) in t.into_iter().enumerate() {
-            let at = wg.u_at(c, i * 4 + j, v, ci);
+            let at = layout.at(i * 4 + j, v, ci);
             // SAFETY: `at..at + LANES` is inside `u` (the caller's), and channel `ci`'s.
             unsafe { t.store(u.add(at), LANES) };
         }
@@ -417,13 +429,6 @@ impl Winograd {
             gathered,
         })
     }
-
-    /// Where channel `ci`'s vector `v` of position `k` starts in the transformed input,
-    /// `[k][block][c][NV * LANES]`: what one tile kernel reads is contiguous (it read 176
-    /// strided streams before, too many for the prefetcher).
-    fn u_at(&self, c: usize, k: usize, v: usize, ci: usize) -> usize {
-        ((k * self.blocks + v / NV) * c + ci) * NV * LANES + (v % NV) * LANES
-    }
 }
 
 impl FConv {
@@ -437,69 +442,84 @@ impl FConv {
     ) {
         let g = &self.geo;
         let (c, m, tpad) = (g.c, self.m, wg.tpad);
-        let u_len = K * wg.blocks * c * NV * LANES;
-        let mut u: Vec<f32> = Vec::with_capacity(u_len);
-        let ptr = SendPtr(u.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        super::super::parallel_rows(c, |channels| {
-            let ptr = &ptr;
-            for ci in channels {
-                // SAFETY: channel `ci`'s vectors of `u` are this thread's alone.
-                unsafe { self.transform_input(wg, input, ci, ptr.0) };
-                // A last block of fewer than `NV` vectors: the rest (never read) zeroed.
-                for k in 0..K {
-                    for v in wg.vectors..wg.blocks * NV {
-                        // SAFETY: inside `u`, channel `ci`'s.
-                        unsafe { std::ptr::write_bytes(ptr.0.add(wg.u_at(c, k, v, ci)), 0, LANES) };
-                    }
-                }
-            }
-        });
-        // SAFETY: every float of `u` was written just above.
-        unsafe { u.set_len(u_len) };
         let mut v: Vec<f32> = Vec::with_capacity(K * m * tpad);
-        let panels = self.panels();
         let ptr = SendPtr(v.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        let zeros = [0f32; MR];
-        let block = c * NV * LANES;
-        super::super::parallel_rows(K * wg.blocks * panels, |items| {
-            let ptr = &ptr;
-            for i in items {
-                let (kb, p) = (i / panels, i % panels);
-                let (k, b) = (kb / wg.blocks, kb % wg.blocks);
-                let n = (wg.vectors - b * NV).min(NV);
-                let at: [usize; NV] = std::array::from_fn(|j| j * LANES);
-                let pixels: [(usize, usize); NV] =
-                    std::array::from_fn(|j| ((b * NV + j) * LANES, LANES));
-                let job = Job {
-                    x: &u[kb * block..][..block],
-                    w: &wg.weights.0[(k * panels + p) * c * MR..][..c * MR],
-                    taps: &[(0, 0)],
-                    at: &at[..n],
-                    channels: c,
-                    plane: NV * LANES,
-                    channel_w: MR,
-                };
-                let store = Store {
-                    // SAFETY: position `k`'s block of `v`.
-                    out: unsafe { ptr.0.add(k * m * tpad) },
-                    residual: None,
-                    relu: false,
-                    pixels: tpad,
-                    first: p * MR,
-                    rows: (m - p * MR).min(MR),
-                    at: &pixels[..n],
-                };
-                // SAFETY: every read is inside `u` and the weights (the slices above); items
-                // write disjoint (k, channel, vector) blocks of `v`.
-                unsafe {
-                    match self.kernel {
-                        Kernel::Portable => Portable::tile(&job, &zeros, &store),
-                        #[cfg(target_arch = "x86_64")]
-                        Kernel::Avx512 => super::avx512::tile(&job, &zeros, &store),
+        let threads = super::super::threads();
+        if wg.blocks >= 4 * threads {
+            // Enough blocks to share: each block's transformed input is made, multiplied and
+            // dropped while in cache (the whole of it for the decoder's 64x64 map is 11.5 MB,
+            // written and read back through memory, which two threads did not make faster).
+            let layout = |b: usize| Layout {
+                channels: c,
+                blocks: 1,
+                first: b * NV,
+            };
+            super::super::parallel_rows(wg.blocks, |blocks| {
+                let ptr = &ptr;
+                // Zeroed once: a last block of fewer than `NV` vectors leaves the rest as it is
+                // (finite, and never read).
+                let mut u = vec![0f32; K * c * NV * LANES];
+                for b in blocks {
+                    let vectors = b * NV..((b + 1) * NV).min(wg.vectors);
+                    for ci in 0..c {
+                        // SAFETY: `u` is this thread's and holds the block.
+                        unsafe {
+                            self.transform_input(
+                                wg,
+                                input,
+                                ci,
+                                vectors.clone(),
+                                layout(b),
+                                u.as_mut_ptr(),
+                            )
+                        };
+                    }
+                    for k in 0..K {
+                        for p in 0..self.panels() {
+                            // SAFETY: items write disjoint blocks of `v`.
+                            unsafe { self.multiply(wg, &u, k, k, b, p, ptr.0) };
+                        }
                     }
                 }
-            }
-        });
+            });
+        } else {
+            let u_len = K * wg.blocks * c * NV * LANES;
+            let layout = Layout {
+                channels: c,
+                blocks: wg.blocks,
+                first: 0,
+            };
+            let mut u: Vec<f32> = Vec::with_capacity(u_len);
+            let uptr = SendPtr(u.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+            super::super::parallel_rows(c, |channels| {
+                let uptr = &uptr;
+                for ci in channels {
+                    // SAFETY: channel `ci`'s vectors of `u` are this thread's alone.
+                    unsafe { self.transform_input(wg, input, ci, 0..wg.vectors, layout, uptr.0) };
+                    // A last block of fewer than `NV` vectors: the rest (never read) zeroed.
+                    for k in 0..K {
+                        for v in wg.vectors..wg.blocks * NV {
+                            // SAFETY: inside `u`, channel `ci`'s.
+                            unsafe {
+                                std::ptr::write_bytes(uptr.0.add(layout.at(k, v, ci)), 0, LANES)
+                            };
+                        }
+                    }
+                }
+            });
+            // SAFETY: every float of `u` was written just above.
+            unsafe { u.set_len(u_len) };
+            let panels = self.panels();
+            super::super::parallel_rows(K * wg.blocks * panels, |items| {
+                let ptr = &ptr;
+                for i in items {
+                    let (kb, p) = (i / panels, i % panels);
+                    let (k, b) = (kb / wg.blocks, kb % wg.blocks);
+                    // SAFETY: items write disjoint blocks of `v`.
+                    unsafe { self.multiply(wg, &u, kb, k, b, p, ptr.0) };
+                }
+            });
+        }
         // SAFETY: the product wrote every float but the line of padding a channel.
         unsafe { v.set_len(K * m * tpad) };
         super::super::parallel_parts(out, g.oh * g.ow, |channels, part| {
@@ -510,24 +530,93 @@ impl FConv {
         });
     }
 
-    /// `B^T d B` for every tile of channel `ci`, into `u` (`[k][c][tpad]`).
+    /// Position `k`'s product for block `b` (in `u`, at block `at`) and panel `p`, into `v`
+    /// (`[k][m][tpad]`).
+    ///
+    /// # Safety
+    /// `v` holds `K * m * tpad` floats, of which no other thread writes these.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn multiply(
+        &self,
+        wg: &Winograd,
+        u: &[f32],
+        at: usize,
+        k: usize,
+        b: usize,
+        p: usize,
+        v: *mut f32,
+    ) {
+        let (c, m, tpad) = (self.geo.c, self.m, wg.tpad);
+        let panels = self.panels();
+        let block = c * NV * LANES;
+        let n = (wg.vectors - b * NV).min(NV);
+        let offsets: [usize; NV] = std::array::from_fn(|j| j * LANES);
+        let pixels: [(usize, usize); NV] = std::array::from_fn(|j| ((b * NV + j) * LANES, LANES));
+        let job = Job {
+            x: &u[at * block..][..block],
+            w: &wg.weights.0[(k * panels + p) * c * MR..][..c * MR],
+            taps: &[(0, 0)],
+            at: &offsets[..n],
+            channels: c,
+            plane: NV * LANES,
+            channel_w: MR,
+        };
+        let store = Store {
+            // SAFETY: position `k`'s block of `v`.
+            out: unsafe { v.add(k * m * tpad) },
+            residual: None,
+            relu: false,
+            pixels: tpad,
+            first: p * MR,
+            rows: (m - p * MR).min(MR),
+            at: &pixels[..n],
+        };
+        let zeros = [0f32; MR];
+        // SAFETY: every read is inside `u` and the weights (the slices above); the writes are
+        // the caller's.
+        unsafe {
+            match self.kernel {
+                Kernel::Portable => Portable::tile(&job, &zeros, &store),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => super::avx512::tile(&job, &zeros, &store),
+            }
+        }
+    }
+
+    /// `B^T d B` for the tiles of vectors `vectors` of channel `ci`, into `u` (`[k][c][tpad]`).
     ///
     /// # Safety
     /// `u` holds `K * c * tpad` floats, of which no other thread writes channel `ci`'s.
-    unsafe fn transform_input(&self, wg: &Winograd, x: &[f32], ci: usize, u: *mut f32) {
+    unsafe fn transform_input(
+        &self,
+        wg: &Winograd,
+        x: &[f32],
+        ci: usize,
+        vectors: Range<usize>,
+        layout: Layout,
+        u: *mut f32,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if self.kernel != Kernel::Portable {
             #[target_feature(enable = "avx512f")]
-            unsafe fn wide(conv: &FConv, wg: &Winograd, x: &[f32], ci: usize, u: *mut f32) {
+            unsafe fn wide(
+                conv: &FConv,
+                wg: &Winograd,
+                x: &[f32],
+                ci: usize,
+                vectors: Range<usize>,
+                layout: Layout,
+                u: *mut f32,
+            ) {
                 use std::arch::x86_64::__m512;
                 // SAFETY: the caller's.
-                unsafe { conv.transform_input_any::<__m512>(wg, x, ci, u) }
+                unsafe { conv.transform_input_any::<__m512>(wg, x, ci, vectors, layout, u) }
             }
             // SAFETY: the caller's; a kernel other than the portable one means AVX-512 F.
-            return unsafe { wide(self, wg, x, ci, u) };
+            return unsafe { wide(self, wg, x, ci, vectors, layout, u) };
         }
         // SAFETY: the caller's.
-        unsafe { self.transform_input_any::<[f32; LANES]>(wg, x, ci, u) }
+        unsafe { self.transform_input_any::<[f32; LANES]>(wg, x, ci, vectors, layout, u) }
     }
 
     /// # Safety
@@ -540,13 +629,15 @@ impl FConv {
         wg: &Winograd,
         x: &[f32],
         ci: usize,
+        vectors: Range<usize>,
+        layout: Layout,
         u: *mut f32,
     ) {
         let g = &self.geo;
         let x = &x[ci * g.h * g.w..][..g.h * g.w];
         let zero = L::splat(0.0);
         if let Some(tables) = &wg.gathered {
-            for v in 0..wg.vectors {
+            for v in vectors {
                 let mut d = [[zero; 4]; 4];
                 for (i, row) in d.iter_mut().enumerate() {
                     for (j, e) in row.iter_mut().enumerate() {
@@ -555,11 +646,14 @@ impl FConv {
                     }
                 }
                 // SAFETY: the caller's.
-                unsafe { store_input(wg, g.c, d, v, ci, u) };
+                unsafe { store_input(layout, d, v, ci, u) };
             }
             return;
         }
-        for ty in 0..wg.th {
+        for v in vectors {
+            // Vector `v`'s tiles are `LANES` neighbours in tile row `ty` (rows are whole
+            // vectors), from column `tx`.
+            let (ty, tx) = (v * LANES / wg.tw, v * LANES % wg.tw);
             // The patch's rows, `None` where they are padding. (Plain loops here, not
             // `array::from_fn`: its closures are functions of their own, compiled without
             // AVX-512, and the intrinsics in them were calls.)
@@ -570,21 +664,19 @@ impl FConv {
                     *r = Some(&x[y as usize * g.w..][..g.w]);
                 }
             }
-            for tx in (0..wg.tw).step_by(LANES) {
-                // Patch element (i, j) of `LANES` neighbouring tiles: row 2 ty + i, column
-                // 2 tx + j: the even and odd columns from 2 tx - pad_left, and from 2 further.
-                let first = (2 * tx) as isize - g.pad_left;
-                let mut d = [[zero; 4]; 4];
-                for (d, row) in d.iter_mut().zip(rows) {
-                    if let Some(row) = row {
-                        let (e0, o0) = L::even_odd(row, first);
-                        let (e1, o1) = L::even_odd(row, first + 2);
-                        *d = [e0, o0, e1, o1];
-                    }
+            // Patch element (i, j) of the tiles: row 2 ty + i, column 2 tx + j: the even and
+            // odd columns from 2 tx - pad_left, and from 2 further.
+            let first = (2 * tx) as isize - g.pad_left;
+            let mut d = [[zero; 4]; 4];
+            for (d, row) in d.iter_mut().zip(rows) {
+                if let Some(row) = row {
+                    let (e0, o0) = L::even_odd(row, first);
+                    let (e1, o1) = L::even_odd(row, first + 2);
+                    *d = [e0, o0, e1, o1];
                 }
-                // SAFETY: the caller's.
-                unsafe { store_input(wg, g.c, d, (ty * wg.tw + tx) / LANES, ci, u) };
             }
+            // SAFETY: the caller's.
+            unsafe { store_input(layout, d, v, ci, u) };
         }
     }
 
