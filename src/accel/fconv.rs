@@ -14,9 +14,13 @@
 //! whole tile are skipped (they add zero). Bias, the residual input and the ReLU that follow
 //! the convolution in the graph are applied to the accumulators before the store.
 //!
-//! The sums come in another order than tract's (tap by tap, then channel), so the output
-//! differs from tract's in the last bits; the tests bound the difference and the shipped
-//! model's test metrics were measured again (BENCHMARKS.md).
+//! 3x3 stride-1 convolutions (all but the ASPP's widest dilations) run instead by Winograd's
+//! F(2x2, 3x3) ([`winograd`]): 16 products on the same tile kernel per 2x2 outputs instead of
+//! 36, the transforms being additions.
+//!
+//! The sums come in another order than tract's, so the output differs from tract's in the last
+//! bits; the tests bound the difference and the shipped model's test metrics were measured
+//! again (BENCHMARKS.md).
 //!
 //! This is a rewrite of the decluttered model ([`fuse`]), before tract's optimiser lowers
 //! convolutions to matrix products. It is only applied where the CPU has AVX-512 F; the

@@ -4,11 +4,13 @@
 //!
 //! They exist because tract spent most of a frame in a few generic operators: the int8
 //! convolutions, now on our own kernel where the CPU has AVX-512 VNNI ([`qconv`]) and through a
-//! faster im2col elsewhere ([`im2col`]); max pooling and dequantization ([`pool`]);
+//! faster im2col elsewhere ([`im2col`]); the float convolutions, on our own AVX-512 kernel,
+//! direct or by Winograd's algorithm ([`fconv`]); max pooling and dequantization ([`pool`]);
 //! float-to-u8 quantization, alone or of a concatenation ([`quantize`]); bilinear upsampling
 //! ([`resize`]) and the float convolutions' padding ([`pad`]). Each gives tract's output to the
-//! bit, checked against the operators it replaces on the shipped models, and an operator
-//! outside what a replacement covers is left to tract.
+//! bit, checked against the operators it replaces on the shipped models, but [`fconv`], whose
+//! sums come in another order (its tests bound the difference), and an operator outside what a
+//! replacement covers is left to tract.
 
 pub mod fconv;
 pub mod im2col;
