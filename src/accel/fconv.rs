@@ -40,9 +40,9 @@ use tract_onnx::tract_core::ops::math::{Add, Max};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::SendPtr;
+use super::im2col::Geometry;
 
 mod winograd;
-use super::im2col::Geometry;
 
 /// Output channels per tile.
 const MR: usize = 8;
@@ -107,7 +107,8 @@ pub struct FConv {
     hp: usize,
     /// Columns of each phase of a padded row.
     wq: usize,
-    /// Set for 3x3 stride-1 convolutions, which run by Winograd's algorithm instead.
+    /// Set for the 3x3 stride-1 convolutions Winograd's algorithm suits
+    /// ([`winograd::Winograd::new`]), which run by it instead of the direct kernel.
     winograd: Option<winograd::Winograd>,
     kernel: Kernel,
 }
@@ -120,7 +121,7 @@ struct Tile {
     out: [(usize, usize); NV],
     vectors: usize,
     /// Per live tap: its offset from `at` in the padded input, and its weights' offset in a
-    /// panel.
+    /// channel's (`tap * MR`).
     taps: Vec<(usize, usize)>,
 }
 
