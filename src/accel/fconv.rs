@@ -32,9 +32,8 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::Downsample;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Max};
 use tract_onnx::tract_core::ops::nn::DataFormat;
@@ -246,14 +245,7 @@ impl FConv {
         let &[m, c] = w.shape() else {
             return None;
         };
-        let (mut at, mut strides) = (x, [1usize, 1]);
-        while let Some(d) = model.node(at.node).op_as::<Downsample>() {
-            match (d.axis, usize::try_from(d.stride), d.modulo) {
-                (2 | 3, Ok(s @ 1..), 0) => strides[d.axis - 2] *= s,
-                _ => return None,
-            }
-            at = model.node(at.node).inputs[0];
-        }
+        let (at, strides) = super::through_downsample(model, x);
         let fact = model.outlet_fact(at).ok()?;
         let shape = fact.shape.as_concrete()?;
         let out = model
@@ -265,16 +257,7 @@ impl FConv {
         if fact.datum_type != f32::datum_type() || shape.get(1) != Some(&c) {
             return None;
         }
-        let spec = PoolSpec {
-            data_format: DataFormat::NCHW,
-            kernel_shape: tvec!(1, 1),
-            padding: PaddingSpec::Valid,
-            dilations: None,
-            strides: Some(tvec!(strides[0], strides[1])),
-            input_channels: c,
-            output_channels: m,
-        };
-        let geo = Geometry::new(&spec, shape).ok()?;
+        let geo = Geometry::pointwise(shape, strides).ok()?;
         if out != [1, m, geo.oh, geo.ow] {
             return None;
         }

@@ -16,8 +16,8 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::PoolSpec;
 use tract_onnx::tract_core::ops::cnn::conv::Im2Col;
+use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::tract_linalg::mmm::{
     EagerPackedInput, MMMInputFormat, PackedExoticFact, PackedMatrixStorage,
@@ -121,6 +121,20 @@ impl Geometry {
             oh: pads[0].convoluted,
             ow: pads[1].convoluted,
         })
+    }
+
+    /// A 1x1 convolution's geometry, `strides` and no padding, on an NCHW input of `shape`.
+    pub(super) fn pointwise(shape: &[usize], strides: [usize; 2]) -> TractResult<Geometry> {
+        let spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(1, 1),
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: Some(tvec!(strides[0], strides[1])),
+            input_channels: shape.get(1).copied().unwrap_or(0),
+            output_channels: 0,
+        };
+        Geometry::new(&spec, shape)
     }
 
     pub(super) fn k(&self) -> usize {

@@ -79,6 +79,22 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
     })
 }
 
+/// The tensor behind `x` through tract's `Downsample`s of rows and columns (every `s`-th from
+/// the first), and the strides they make (`[1, 1]` where there are none): a 1x1 convolution of
+/// a downsampled tensor is a strided one of the tensor before, which reads it in place.
+pub(crate) fn through_downsample(model: &TypedModel, x: OutletId) -> (OutletId, [usize; 2]) {
+    use tract_onnx::tract_core::ops::Downsample;
+    let (mut at, mut strides) = (x, [1usize, 1]);
+    while let Some(d) = model.node(at.node).op_as::<Downsample>() {
+        match (d.axis, usize::try_from(d.stride), d.modulo) {
+            (2 | 3, Ok(s @ 1..), 0) => strides[d.axis - 2] *= s,
+            _ => break,
+        }
+        at = model.node(at.node).inputs[0];
+    }
+    (at, strides)
+}
+
 /// Applies `swap` (a patch of its own making) at every node; counts the nodes it changed.
 fn swap_each(
     model: &mut TypedModel,

@@ -23,12 +23,9 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::Downsample;
 use tract_onnx::tract_core::ops::change_axes::IntoShape;
-use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
-use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::ops::quant::OffsetU8asI8;
 use tract_onnx::tract_core::tract_linalg::BinOp;
 use tract_onnx::tract_core::tract_linalg::mmm::{
@@ -258,15 +255,8 @@ impl QConv {
     /// it in place; else `(geo, x)` unchanged.
     fn before_downsample(model: &TypedModel, geo: Geometry, x: OutletId) -> (Geometry, OutletId) {
         let unit = geo.kh == 1 && geo.kw == 1 && geo.sy == 1 && geo.sx == 1;
-        let (mut at, mut strides) = (x, [1usize, 1]);
-        while let Some(d) = model.node(at.node).op_as::<Downsample>() {
-            match (d.axis, usize::try_from(d.stride), d.modulo) {
-                (2 | 3, Ok(s @ 1..), 0) => strides[d.axis - 2] *= s,
-                _ => break,
-            }
-            at = model.node(at.node).inputs[0];
-        }
-        let Some(&[1, c, h, w]) = model
+        let (at, strides) = super::through_downsample(model, x);
+        let Some(shape) = model
             .outlet_fact(at)
             .ok()
             .and_then(|f| f.shape.as_concrete())
@@ -276,16 +266,7 @@ impl QConv {
         if !unit || at == x {
             return (geo, x);
         }
-        let spec = PoolSpec {
-            data_format: DataFormat::NCHW,
-            kernel_shape: tvec!(1, 1),
-            padding: PaddingSpec::Valid,
-            dilations: None,
-            strides: Some(tvec!(strides[0], strides[1])),
-            input_channels: c,
-            output_channels: 0,
-        };
-        match Geometry::new(&spec, &[1, c, h, w]) {
+        match Geometry::pointwise(shape, strides) {
             Ok(g) if g.out_hw() == geo.out_hw() && g.c == geo.c => (g, at),
             _ => (geo, x),
         }
@@ -329,22 +310,13 @@ impl QConv {
                 .parse()
                 .ok()
         };
-        let &[1, c, h, w] = shape else {
+        let &[1, c, _, _] = shape else {
             return None;
         };
         if field("k_axis")? != 1 || field("mn_axis")? != 3 || c != k {
             return None;
         }
-        let spec = PoolSpec {
-            data_format: DataFormat::NCHW,
-            kernel_shape: tvec!(1, 1),
-            padding: PaddingSpec::Valid,
-            dilations: None,
-            strides: None,
-            input_channels: c,
-            output_channels: 0,
-        };
-        let geo = Geometry::new(&spec, &[1, c, h, w]).ok()?;
+        let geo = Geometry::pointwise(shape, [1, 1]).ok()?;
         Some((geo, x_outlet, 0))
     }
 }
