@@ -43,6 +43,8 @@ pub struct Rewrites {
     pub max_pool_f32: usize,
     /// u8 `DequantizeLinearF32` nodes now [`pool::Dequantize`].
     pub dequantize: usize,
+    /// `QConv -> Dequantize` pairs now one [`qconv::QConv`] storing floats.
+    pub qconv_dequantize: usize,
     /// Float convolutions (with their residual additions and ReLUs) now [`fconv::FConv`]
     /// (CPUs with a kernel for it).
     pub fconv: usize,
@@ -75,6 +77,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         // After `max_pool`, which takes the int8 model's float pooling of bytes.
         max_pool_f32: replace_each(model, pool::max_pool_f32)?,
         dequantize: replace_each(model, pool::dequantize)?,
+        // After `dequantize` and `qconv`.
+        qconv_dequantize: replace_each_wired(model, qconv::fuse_dequantize)?,
         fconv: 0,
     })
 }
@@ -299,6 +303,9 @@ mod tests {
                     && done.max_pool == 1
                     && done.dequantize > 10
                     && done.qconv == qconv
+                    // Every dequantization of a QConv output that nothing else reads (the
+                    // other two read the max pool and tract's product on the pooled ASPP map).
+                    && done.qconv_dequantize == if qconv > 0 { 18 } else { 0 }
             } else {
                 done.pad > 10 && done.resize >= 2
             };

@@ -167,8 +167,8 @@ impl TypedOp for MaxPoolU8 {
 /// `(q - zero_point) * scale` from u8 to f32, tract's `DequantizeLinearF32` to the bit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Dequantize {
-    scale_bits: u32,
-    zero_point: i32,
+    pub(super) scale_bits: u32,
+    pub(super) zero_point: i32,
 }
 
 super::with_avx512_copy!(Dequantize, run, run_any, xs: &[u8], ys: &mut [f32]);

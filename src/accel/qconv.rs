@@ -86,6 +86,10 @@ pub struct QConv {
     /// The output is `[channel][pixel]` in memory (`geo.n()` pixels a channel), whatever its
     /// unit axes.
     out_dt: DatumType,
+    /// `(zero_point, scale bits)` where the op also does the `DequantizeLinear` that was the
+    /// output's only reader: it stores `(q - zero_point) as f32 * scale` (tract's arithmetic)
+    /// instead of the u8 `q`.
+    dequantize: Option<(i32, u32)>,
     kernel: Kernel,
 }
 
@@ -536,6 +540,7 @@ impl QConv {
             requant,
             out_shape,
             out_dt,
+            dequantize: None,
             kernel,
         };
         Some((qconv, x_outlet))
@@ -624,13 +629,25 @@ impl QConv {
         let at = mi * self.geo.n() + n0;
         // SAFETY: the caller's. tract stores the low byte for 8-bit outputs.
         unsafe {
-            if self.out_dt == i32::datum_type() {
+            if let Some((zero_point, scale)) = self.dequantize {
+                let scale = f32::from_bits(scale);
+                let floats = row.map(|v| (v as u8 as i32 - zero_point) as f32 * scale);
+                std::ptr::copy_nonoverlapping(floats.as_ptr(), out.cast::<f32>().add(at), NR);
+            } else if self.out_dt == i32::datum_type() {
                 let o = out.cast::<i32>().add(at);
                 std::ptr::copy_nonoverlapping(row.as_ptr(), o, NR);
             } else {
                 let bytes = row.map(|v| v as u8);
                 std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.add(at), NR);
             }
+        }
+    }
+
+    /// The output tensor's type: f32 where the op dequantizes, else the product's.
+    fn stored_dt(&self) -> DatumType {
+        match self.dequantize {
+            Some(_) => f32::datum_type(),
+            None => self.out_dt,
         }
     }
 
@@ -664,7 +681,7 @@ impl QConv {
         let x = input.as_bytes();
         let input = self.geo.interleaved(x, self.pad);
         // SAFETY: `run_rows` writes every element (all rows, all channels).
-        let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt, &self.out_shape)? };
+        let mut out = unsafe { Tensor::uninitialized_dt(self.stored_dt(), &self.out_shape)? };
         let ptr = SendPtr(out.as_bytes_mut().as_mut_ptr());
         let (oh, _) = self.geo.out_hw();
         super::parallel_rows(oh, |rows| {
@@ -985,8 +1002,18 @@ mod vnni {
                 let mi = m0 + i;
                 let acc = rq.apply(_mm512_add_epi32(acc, _mm512_set1_epi32(conv.offset[mi])));
                 let at = mi * conv.geo.n() + n0;
-                // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
-                unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
+                if let Some((zero_point, scale)) = conv.dequantize {
+                    // The low byte, as tract stores it, then `(q - zero_point) as f32 * scale`.
+                    let q = _mm512_and_si512(acc, _mm512_set1_epi32(0xff));
+                    let q = _mm512_sub_epi32(q, _mm512_set1_epi32(zero_point));
+                    let f =
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(f32::from_bits(scale)));
+                    // SAFETY: 16 floats of this channel's row.
+                    unsafe { _mm512_storeu_ps(out.cast::<f32>().add(at), f) }
+                } else {
+                    // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
+                    unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
+                }
             }
             return;
         }
@@ -1053,8 +1080,48 @@ impl TypedOp for QConv {
     as_op!();
 
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(self.out_dt.fact(&*self.out_shape)))
+        Ok(tvec!(self.stored_dt().fact(&*self.out_shape)))
     }
+}
+
+/// `QConv -> [IntoShape] -> Dequantize` at `node` (the dequantization), where the dequantization
+/// is all that reads the convolution's u8 output: one `QConv` storing the dequantized floats
+/// (the same arithmetic, so tract's values to the bit), and the input it reads. A pass over
+/// the output fewer, and a quarter of the bytes written then read back.
+pub(super) fn fuse_dequantize(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> Option<(Box<dyn TypedOp>, TVec<OutletId>)> {
+    let dq = node.op_as::<super::pool::Dequantize>()?;
+    let mut at = *node.inputs.first()?;
+    loop {
+        if model.outlet_successors(at).len() != 1 || model.outputs.contains(&at) {
+            return None;
+        }
+        let n = model.node(at.node);
+        if n.op_is::<IntoShape>() {
+            at = *n.inputs.first()?;
+            continue;
+        }
+        break;
+    }
+    let conv_node = model.node(at.node);
+    let conv = conv_node.op_as::<QConv>()?;
+    if conv.out_dt != u8::datum_type() || conv.dequantize.is_some() {
+        return None;
+    }
+    let out_shape = model
+        .outlet_fact(node.id.into())
+        .ok()?
+        .shape
+        .as_concrete()?;
+    if out_shape.iter().product::<usize>() != conv.out_shape.iter().product::<usize>() {
+        return None;
+    }
+    let mut op = conv.clone();
+    op.dequantize = Some((dq.zero_point, dq.scale_bits));
+    op.out_shape = out_shape.into();
+    Some((Box::new(op), conv_node.inputs.iter().copied().collect()))
 }
 
 /// The replacement for `node` and the input it reads, if `node` is an int8 matrix product fed
@@ -1122,6 +1189,10 @@ mod tests {
         // On aarch64 tract packs the classifier's weights in its plain layout, which we leave.
         let expected = if cfg!(target_arch = "x86_64") { 29 } else { 28 };
         assert_eq!(replaced, expected, "{kernel:?}");
+        // And with the dequantizations they feed folded in (the kernel's float store).
+        replace_each(&mut ours, crate::accel::pool::dequantize).unwrap();
+        let folded = replace_each_wired(&mut ours, fuse_dequantize).unwrap();
+        assert!(folded >= 17, "{kernel:?}: {folded}");
         let ours = ours.into_runnable().unwrap();
         let input = fixture_input();
         let a = reference.run(tvec!(input.clone().into())).unwrap();
