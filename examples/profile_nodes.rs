@@ -72,6 +72,8 @@ fn main() -> Result<()> {
         e.0 += ms;
         e.1 += 1;
     }
+    // In order: slow runs that come in a burst are this VM's neighbours, not the model.
+    let in_order: Vec<String> = totals.iter().map(|t| format!("{t:.1}")).collect();
     // The median and the minimum as well: this VM's neighbours move the mean by 10 %.
     totals.sort_by(f64::total_cmp);
     println!(
@@ -83,6 +85,7 @@ fn main() -> Result<()> {
         runs,
         threads
     );
+    println!("runs (ms, in order): {}", in_order.join(" "));
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
     for (op, (ms, n)) in ops {
