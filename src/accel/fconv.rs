@@ -95,7 +95,8 @@ pub struct FConv {
     geo: Geometry,
     /// Output channels.
     m: usize,
-    /// `[panel][channel][tap][MR]`: `MR` output channels a panel, rows past `m` zero.
+    /// `[panel][channel][tap][MR]`: `MR` output channels a panel, rows past `m` zero; empty
+    /// where `winograd` runs the convolution.
     weights: Floats,
     /// Per output channel, zero past `m`.
     bias: Floats,
@@ -196,8 +197,11 @@ impl FConv {
             return None;
         }
         let panels = m.div_ceil(MR);
-        let mut weights = vec![0f32; panels * taps * c * MR];
-        for mi in 0..m {
+        let winograd = winograd::Winograd::new(&geo, m, w);
+        // The direct kernel's panels, only where it runs (up to 2.4 MB a convolution).
+        let direct = if winograd.is_some() { 0 } else { m };
+        let mut weights = vec![0f32; panels.min(direct.div_ceil(MR)) * taps * c * MR];
+        for mi in 0..direct {
             let (p, r) = (mi / MR, mi % MR);
             for ci in 0..c {
                 for t in 0..taps {
@@ -210,7 +214,7 @@ impl FConv {
         let hp = (geo.oh - 1) * geo.sy + (kh - 1) * geo.dy + 1;
         let wq = geo.ow.div_ceil(LANES) * LANES + ((kw - 1) * geo.dx) / geo.sx;
         Some(FConv {
-            geo: geo.clone(),
+            geo,
             m,
             weights: Floats(Arc::new(weights)),
             bias: Floats(Arc::new(bias)),
@@ -218,7 +222,7 @@ impl FConv {
             relu: false,
             hp,
             wq,
-            winograd: winograd::Winograd::new(&geo, m, w),
+            winograd,
             kernel,
         })
     }
