@@ -45,6 +45,9 @@ pub struct Rewrites {
     pub dequantize: usize,
     /// `QConv -> Dequantize` pairs now one [`qconv::QConv`] storing floats.
     pub qconv_dequantize: usize,
+    /// Residual additions and the ReLUs after them folded into the dequantizing
+    /// [`qconv::QConv`] that feeds them.
+    pub qconv_residual: usize,
     /// Float convolutions (with their residual additions and ReLUs) now [`fconv::FConv`]
     /// (CPUs with a kernel for it).
     pub fconv: usize,
@@ -79,6 +82,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<Rewrites> {
         dequantize: replace_each(model, pool::dequantize)?,
         // After `dequantize` and `qconv`.
         qconv_dequantize: replace_each_wired(model, qconv::fuse_dequantize)?,
+        // After `qconv_dequantize`.
+        qconv_residual: replace_each_wired(model, qconv::fuse_residual)?,
         fconv: 0,
     })
 }
@@ -306,6 +311,8 @@ mod tests {
                     // Every dequantization of a QConv output that nothing else reads (the
                     // other two read the max pool and tract's product on the pooled ASPP map).
                     && done.qconv_dequantize == if qconv > 0 { 18 } else { 0 }
+                    // Every residual block's `Add -> ReLU`.
+                    && done.qconv_residual == if qconv > 0 { 8 } else { 0 }
             } else {
                 done.pad > 10 && done.resize >= 2
             };

@@ -90,7 +90,18 @@ pub struct QConv {
     /// output's only reader: it stores `(q - zero_point) as f32 * scale` (tract's arithmetic)
     /// instead of the u8 `q`.
     dequantize: Option<(i32, u32)>,
+    /// With `dequantize`: the op also does the `Add` of a second input (a float tensor of the
+    /// output's shape) and the ReLU (`Max` with 0) that follow it, storing
+    /// `max(dequantized + residual, 0)`: a residual block's end.
+    residual_relu: bool,
     kernel: Kernel,
+}
+
+/// Where a [`QConv`] stores: the output's data, and the residual it adds (null for none).
+#[derive(Clone, Copy)]
+struct Out {
+    data: *mut u8,
+    residual: *const f32,
 }
 
 /// `op(operand, acc)`, as tract's fused kernels define it (`Sub` is operand minus accumulator).
@@ -541,6 +552,7 @@ impl QConv {
             out_shape,
             out_dt,
             dequantize: None,
+            residual_relu: false,
             kernel,
         };
         Some((qconv, x_outlet))
@@ -558,7 +570,7 @@ impl QConv {
         &self,
         input: &Interleaved,
         rows: std::ops::Range<usize>,
-        out: *mut u8,
+        out: Out,
     ) {
         let (_, ow) = self.geo.out_hw();
         let panel_weights = self.groups * MR * 4;
@@ -606,7 +618,7 @@ impl QConv {
     /// # Safety
     /// As [`QConv::store`].
     #[inline(always)]
-    unsafe fn finish(&self, acc: &mut [[i32; NR]; MR], m0: usize, n0: usize, out: *mut u8) {
+    unsafe fn finish(&self, acc: &mut [[i32; NR]; MR], m0: usize, n0: usize, out: Out) {
         for (i, row) in acc.iter_mut().enumerate() {
             let mi = m0 + i;
             if mi >= self.m {
@@ -625,20 +637,26 @@ impl QConv {
     /// # Safety
     /// `out` is the output's data and `(mi, n0..n0 + NR)` inside it.
     #[inline(always)]
-    unsafe fn store(&self, out: *mut u8, mi: usize, n0: usize, row: &[i32; NR]) {
+    unsafe fn store(&self, out: Out, mi: usize, n0: usize, row: &[i32; NR]) {
         let at = mi * self.geo.n() + n0;
         // SAFETY: the caller's. tract stores the low byte for 8-bit outputs.
         unsafe {
             if let Some((zero_point, scale)) = self.dequantize {
                 let scale = f32::from_bits(scale);
-                let floats = row.map(|v| (v as u8 as i32 - zero_point) as f32 * scale);
-                std::ptr::copy_nonoverlapping(floats.as_ptr(), out.cast::<f32>().add(at), NR);
+                let mut floats = row.map(|v| (v as u8 as i32 - zero_point) as f32 * scale);
+                if !out.residual.is_null() {
+                    let residual = std::slice::from_raw_parts(out.residual.add(at), NR);
+                    for (f, r) in floats.iter_mut().zip(residual) {
+                        *f = (*f + r).max(0.0);
+                    }
+                }
+                std::ptr::copy_nonoverlapping(floats.as_ptr(), out.data.cast::<f32>().add(at), NR);
             } else if self.out_dt == i32::datum_type() {
-                let o = out.cast::<i32>().add(at);
+                let o = out.data.cast::<i32>().add(at);
                 std::ptr::copy_nonoverlapping(row.as_ptr(), o, NR);
             } else {
                 let bytes = row.map(|v| v as u8);
-                std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.add(at), NR);
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.data.add(at), NR);
             }
         }
     }
@@ -653,7 +671,7 @@ impl QConv {
 
     /// # Safety
     /// As [`QConv::run_rows_with`].
-    unsafe fn run_rows(&self, input: &Interleaved, rows: std::ops::Range<usize>, out: *mut u8) {
+    unsafe fn run_rows(&self, input: &Interleaved, rows: std::ops::Range<usize>, out: Out) {
         // SAFETY: the caller's; `Kernel::Avx512Vnni` is only chosen where the CPU has it.
         unsafe {
             match self.kernel {
@@ -664,7 +682,7 @@ impl QConv {
         }
     }
 
-    fn run(&self, input: &Tensor) -> TractResult<Tensor> {
+    fn run(&self, input: &Tensor, residual: Option<&Tensor>) -> TractResult<Tensor> {
         let dt = if self.flip == 0 {
             u8::datum_type()
         } else {
@@ -682,12 +700,36 @@ impl QConv {
         let input = self.geo.interleaved(x, self.pad);
         // SAFETY: `run_rows` writes every element (all rows, all channels).
         let mut out = unsafe { Tensor::uninitialized_dt(self.stored_dt(), &self.out_shape)? };
+        let residual = match (self.residual_relu, residual) {
+            (false, None) => None,
+            (true, Some(r)) => {
+                ensure!(
+                    r.datum_type() == f32::datum_type() && r.len() == out.len(),
+                    "QConv: residual {:?} {:?} does not match the output {:?}",
+                    r.datum_type(),
+                    r.shape(),
+                    self.out_shape
+                );
+                Some(r.try_as_plain_ram()?)
+            }
+            _ => bail!("QConv: a residual input where the op adds none, or none where it does"),
+        };
+        let residual = match &residual {
+            Some(r) => r.as_slice::<f32>()?.as_ptr(),
+            None => std::ptr::null(),
+        };
         let ptr = SendPtr(out.as_bytes_mut().as_mut_ptr());
+        let residual = SendPtr(residual.cast_mut());
         let (oh, _) = self.geo.out_hw();
         super::parallel_rows(oh, |rows| {
-            let ptr = &ptr;
-            // SAFETY: `parallel_rows` hands out disjoint row ranges of this output.
-            unsafe { self.run_rows(&input, rows, ptr.0) }
+            let (ptr, residual) = (&ptr, &residual);
+            let out = Out {
+                data: ptr.0,
+                residual: residual.0,
+            };
+            // SAFETY: `parallel_rows` hands out disjoint row ranges of this output; the
+            // residual, when there is one, has the output's length and is only read.
+            unsafe { self.run_rows(&input, rows, out) }
         });
         Ok(out)
     }
@@ -755,7 +797,7 @@ trait TileKernel {
         extra: &[i32; MR],
         m0: usize,
         n0: usize,
-        out: *mut u8,
+        out: Out,
     );
 }
 
@@ -770,7 +812,7 @@ impl TileKernel for Portable {
         extra: &[i32; MR],
         m0: usize,
         n0: usize,
-        out: *mut u8,
+        out: Out,
     ) {
         assert!(b.fits(a.len()));
         let mut acc = extra.map(|e| [e; NR]);
@@ -809,7 +851,7 @@ mod vnni {
             extra: &[i32; MR],
             m0: usize,
             n0: usize,
-            out: *mut u8,
+            out: Out,
         ) {
             // SAFETY: the caller's.
             unsafe { finish(conv, &product(a, b, conv.flip, extra), m0, n0, out) }
@@ -993,7 +1035,7 @@ mod vnni {
     /// # Safety
     /// As [`QConv::store`].
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn finish(conv: &QConv, tile: &[__m512i; MR], m0: usize, n0: usize, out: *mut u8) {
+    unsafe fn finish(conv: &QConv, tile: &[__m512i; MR], m0: usize, n0: usize, out: Out) {
         let bytes = conv.out_dt != i32::datum_type();
         let rows = MR.min(conv.m - m0);
         if let (Some(rq), true) = (conv.requant, bytes) {
@@ -1006,13 +1048,18 @@ mod vnni {
                     // The low byte, as tract stores it, then `(q - zero_point) as f32 * scale`.
                     let q = _mm512_and_si512(acc, _mm512_set1_epi32(0xff));
                     let q = _mm512_sub_epi32(q, _mm512_set1_epi32(zero_point));
-                    let f =
+                    let mut f =
                         _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(f32::from_bits(scale)));
+                    if !out.residual.is_null() {
+                        // SAFETY: 16 floats of the residual's same row (same layout).
+                        let r = unsafe { _mm512_loadu_ps(out.residual.add(at)) };
+                        f = _mm512_max_ps(_mm512_add_ps(f, r), _mm512_setzero_ps());
+                    }
                     // SAFETY: 16 floats of this channel's row.
-                    unsafe { _mm512_storeu_ps(out.cast::<f32>().add(at), f) }
+                    unsafe { _mm512_storeu_ps(out.data.cast::<f32>().add(at), f) }
                 } else {
                     // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
-                    unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
+                    unsafe { _mm_storeu_si128(out.data.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
                 }
             }
             return;
@@ -1034,7 +1081,7 @@ mod vnni {
             let at = mi * conv.geo.n() + n0;
             if bytes {
                 // SAFETY: 16 bytes of this channel's row; tract stores the low byte.
-                unsafe { _mm_storeu_si128(out.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
+                unsafe { _mm_storeu_si128(out.data.add(at).cast(), _mm512_cvtepi32_epi8(acc)) }
             } else {
                 let mut row = [0i32; NR];
                 // SAFETY: a row is 16 i32; then the caller's.
@@ -1053,7 +1100,7 @@ mod vnni {
         conv: &QConv,
         input: &Interleaved,
         rows: std::ops::Range<usize>,
-        out: *mut u8,
+        out: Out,
     ) {
         // SAFETY: the caller's.
         unsafe { conv.run_rows_with::<Vnni>(input, rows, out) }
@@ -1072,7 +1119,10 @@ impl EvalOp for QConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        Ok(tvec!(self.run(&inputs[0])?.into_tvalue()))
+        Ok(tvec!(
+            self.run(&inputs[0], inputs.get(1).map(|r| &**r))?
+                .into_tvalue()
+        ))
     }
 }
 
@@ -1122,6 +1172,59 @@ pub(super) fn fuse_dequantize(
     op.dequantize = Some((dq.zero_point, dq.scale_bits));
     op.out_shape = out_shape.into();
     Some((Box::new(op), conv_node.inputs.iter().copied().collect()))
+}
+
+/// `QConv (dequantizing) -> Add(residual) -> Max(0)` at `node` (tract's `OptBinChain` of the
+/// two), where the chain is all that reads the convolution's floats: one `QConv` that adds the
+/// residual and applies the ReLU as it stores (the same two float operations, so tract's
+/// values to the bit). A pass that read two tensors and wrote a third is gone.
+pub(super) fn fuse_residual(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> Option<(Box<dyn TypedOp>, TVec<OutletId>)> {
+    use tract_onnx::tract_core::ops::binary::OptBinChain;
+    use tract_onnx::tract_core::tract_linalg::multithread::BShare;
+    let chain = node.op_as::<OptBinChain>()?;
+    let [add, max] = &chain.steps[..] else {
+        return None;
+    };
+    if (add.linalg_op, add.share, max.linalg_op) != (BinOp::Add, BShare::Lockstep, BinOp::Max) {
+        return None;
+    }
+    let [a, b, zero] = node.inputs[..] else {
+        return None;
+    };
+    let zero = model.outlet_fact(zero).ok()?.konst.clone()?;
+    if zero.datum_type() != f32::datum_type()
+        || zero.len() != 1
+        || zero.cast_to_scalar::<f32>().ok()? != 0.0
+    {
+        return None;
+    }
+    let out = model.outlet_fact(node.id.into()).ok()?;
+    // Addition is commutative in floats too: the convolution may be either operand.
+    [(a, b), (b, a)]
+        .into_iter()
+        .find_map(|(conv_out, residual)| {
+            let conv_node = model.node(conv_out.node);
+            let conv = conv_node.op_as::<QConv>()?;
+            let rf = model.outlet_fact(residual).ok()?;
+            let cf = model.outlet_fact(conv_out).ok()?;
+            if conv.dequantize.is_none()
+                || conv.residual_relu
+                || model.outlet_successors(conv_out).len() != 1
+                || model.outputs.contains(&conv_out)
+                || rf.datum_type != f32::datum_type()
+                || rf.shape != cf.shape
+                || out.shape != cf.shape
+            {
+                return None;
+            }
+            let mut op = conv.clone();
+            op.residual_relu = true;
+            let inputs = tvec![conv_node.inputs[0], residual];
+            Some((Box::new(op) as Box<dyn TypedOp>, inputs))
+        })
 }
 
 /// The replacement for `node` and the input it reads, if `node` is an int8 matrix product fed
@@ -1193,6 +1296,9 @@ mod tests {
         replace_each(&mut ours, crate::accel::pool::dequantize).unwrap();
         let folded = replace_each_wired(&mut ours, fuse_dequantize).unwrap();
         assert!(folded >= 17, "{kernel:?}: {folded}");
+        // And the residual additions and ReLUs those feed (the float epilogue).
+        let residuals = replace_each_wired(&mut ours, fuse_residual).unwrap();
+        assert_eq!(residuals, 8, "{kernel:?}");
         let ours = ours.into_runnable().unwrap();
         let input = fixture_input();
         let a = reference.run(tvec!(input.clone().into())).unwrap();
