@@ -242,12 +242,14 @@ pub(crate) fn parallel_parts<T: Send>(
     });
 }
 
-/// Runs `f` (a model run) on one of tract's threads when there are several.
+/// Runs `f` (a model run, or a loop of them) on one of tract's threads when there are several.
 ///
 /// tract's multithreaded executor is a pool of `threads` workers besides the thread that asks
 /// for a run; on a 2-core board that made three busy threads, and the caller's serial operators
 /// ran slower while a worker spun on its core (int8 frame, 2 threads: 19.5 ms, not faster than
-/// one thread). Inside the pool the caller's work is one of the `threads`.
+/// one thread). Inside the pool the caller's work is one of the `threads`. Called again from
+/// inside (a run within a loop that is already there), it runs `f` in place: a loop of frames
+/// on the pool hands nothing over per frame.
 pub fn on_tract_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use tract_linalg::multithread::{Executor, current_tract_executor};
     match current_tract_executor() {
