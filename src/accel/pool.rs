@@ -23,6 +23,7 @@ pub struct MaxPoolU8 {
 
 /// Pools the planes of `input` into the planes of `out`; `lowest` is below every value (what
 /// taps outside the image read).
+#[inline(always)]
 fn pool<T: Copy + PartialOrd>(g: &Geometry, input: &[T], out: &mut [T], lowest: T) {
     let max = |a: T, b: T| if b > a { b } else { a };
     // The column maxima of a window's rows, padded with `lowest` so that every tap of every
@@ -46,6 +47,16 @@ fn pool<T: Copy + PartialOrd>(g: &Geometry, input: &[T], out: &mut [T], lowest: 
                     col.iter_mut().zip(line).for_each(|(c, &v)| *c = max(*c, v));
                 }
             }
+            if (g.sx, g.kw, g.dx) == (2, 3, 1) {
+                // The model's pooling (3x3, stride 2), with constant steps the compiler turns
+                // into vector loads and shuffles: with the AVX-512 copy, 0.26 -> 0.10 ms for
+                // the int8 model's bytes, 0.31 -> 0.14 for the f32 model's floats.
+                let c = &column[shift..][..2 * g.ow + 1];
+                for (ox, o) in row.iter_mut().enumerate() {
+                    *o = max(max(c[2 * ox], c[2 * ox + 1]), c[2 * ox + 2]);
+                }
+                continue;
+            }
             for (ox, o) in row.iter_mut().enumerate() {
                 let at = ox * g.sx + shift;
                 *o = (0..g.kw).fold(lowest, |m, kx| max(m, column[at + kx * g.dx]));
@@ -54,9 +65,12 @@ fn pool<T: Copy + PartialOrd>(g: &Geometry, input: &[T], out: &mut [T], lowest: 
     }
 }
 
+super::with_avx512_copy!(MaxPoolU8, run, run_any, input: &[u8], out: &mut [u8]);
+
 impl MaxPoolU8 {
     /// Pools the planes of `input` into the planes of `out`.
-    fn run(&self, input: &[u8], out: &mut [u8]) {
+    #[inline(always)]
+    fn run_any(&self, input: &[u8], out: &mut [u8]) {
         pool(&self.geo, input, out, 0)
     }
 }
@@ -66,6 +80,16 @@ impl MaxPoolU8 {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MaxPoolF32 {
     geo: Geometry,
+}
+
+super::with_avx512_copy!(MaxPoolF32, run, run_any, input: &[f32], out: &mut [f32]);
+
+impl MaxPoolF32 {
+    /// Pools the planes of `input` into the planes of `out`.
+    #[inline(always)]
+    fn run_any(&self, input: &[f32], out: &mut [f32]) {
+        pool(&self.geo, input, out, f32::NEG_INFINITY)
+    }
 }
 
 impl Op for MaxPoolF32 {
@@ -94,8 +118,7 @@ impl EvalOp for MaxPoolF32 {
         let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, g.c, g.oh, g.ow])? };
         let mut ram = out.try_as_plain_ram_mut()?;
         super::parallel_parts(ram.as_slice_mut::<f32>()?, g.oh * g.ow, |planes, part| {
-            let src = &src[planes.start * g.h * g.w..planes.end * g.h * g.w];
-            pool(g, src, part, f32::NEG_INFINITY)
+            self.run(&src[planes.start * g.h * g.w..planes.end * g.h * g.w], part)
         });
         Ok(tvec!(out.into_tvalue()))
     }
