@@ -2,7 +2,10 @@
 # polypwatch vs ONNX Runtime on the same ONNX model and the same frames (the demo clip), f32 and
 # int8, 1 and 2 threads: per-frame inference latency p50/p95, ratio to ONNX Runtime, FLOPs and
 # GFLOP/s. ONNX Runtime's int8 is its own static QDQ quantization of the same f32 model;
-# "int8-ours" is ONNX Runtime running polypwatch's own int8 export.
+# "int8-ours" is ONNX Runtime running polypwatch's own int8 export. Both runtimes are timed the
+# same way: the clip's first 32 frames preprocessed beforehand, 3 warm-up runs, then RUNS runs
+# back to back (polypwatch: `bench`'s inference_back_to_back; its pipeline figures, with a
+# frame decoded between two runs, are in its own table).
 #   bash bench/compare.sh [F32_MANIFEST]     (default models/polypwatch-edge-f32.toml)
 # ROUNDS=N (default 3) repeats the whole comparison, ONNX Runtime and polypwatch taking turns,
 # and reports per row the median of the rounds' p50 and p95 and the range of p50: on a shared
@@ -51,7 +54,7 @@ for f in sorted(glob.glob(os.path.join(tmp, "ort-*.json"))):
 for f in glob.glob(os.path.join(tmp, "pw-*.json")):
     prec, t, _ = os.path.basename(f)[3:-5].rsplit("-", 2)
     r = json.load(open(f))
-    runs.setdefault(("polypwatch", prec, int(t)), []).append((r["inference"]["p50"], r["inference"]["p95"]))
+    runs.setdefault(("polypwatch", prec, int(t)), []).append((r["inference_back_to_back"]["p50"], r["inference_back_to_back"]["p95"]))
 rows = {k: (statistics.median(p for p, _ in v), statistics.median(q for _, q in v),
             min(p for p, _ in v), max(p for p, _ in v), len(v)) for k, v in runs.items()}
 print(f"onnxruntime {version}; model {flops / 1e9:.2f} GFLOP per frame; median of rounds")

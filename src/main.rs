@@ -389,6 +389,12 @@ fn bench_cmd(
     ] {
         println!("{name:<12} {:>8.2} {:>8.2} {:>8.2}", q.p50, q.p95, q.p99);
     }
+    let q = r.inference_back_to_back;
+    println!(
+        "inference, runs back to back (as bench/compare.sh times ONNX Runtime): p50 {:.2}, p95 \
+         {:.2}, p99 {:.2}",
+        q.p50, q.p95, q.p99
+    );
     println!(
         "{:.1} frames/s (stages back to back), peak RSS {:.0} MiB",
         r.fps, r.peak_rss_mib
