@@ -181,3 +181,51 @@ pub fn bench(
         peak_rss_mib: peak_rss_mib(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(p: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    }
+
+    /// Every stage and the back-to-back inference are timed, over real frames and the shipped
+    /// model (what the figures are, not how fast: timings belong to benchmarks).
+    #[test]
+    fn times_every_stage_of_real_frames() {
+        let seg = Segmenter::load(&fixture("models/polypwatch-edge-int8.toml")).unwrap();
+        let dir = fixture("tests/fixtures/kvasir-mini/images");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let refs: Vec<&Path> = files.iter().take(2).map(|p| p.as_path()).collect();
+        let r = bench(&seg, &refs, 3, 1).unwrap();
+        assert_eq!(r.frames, 3);
+        for q in [
+            r.decode,
+            r.preprocess,
+            r.inference,
+            r.inference_back_to_back,
+            r.postprocess,
+            r.total,
+        ] {
+            assert!(q.p50 > 0.0 && q.p50 <= q.p95 && q.p95 <= q.p99, "{r:?}");
+        }
+        assert!(r.total.p50 >= r.inference.p50, "{r:?}");
+    }
+
+    /// A frame that is not an image ends the run with an error naming it.
+    #[test]
+    fn corrupt_frame_is_an_error_naming_it() {
+        let seg = Segmenter::load(&fixture("models/polypwatch-edge-int8.toml")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let bad = tmp.path().join("frame.jpg");
+        std::fs::write(&bad, b"\xff\xd8 not a jpeg").unwrap();
+        let err = bench(&seg, &[bad.as_path()], 1, 1).unwrap_err();
+        assert!(matches!(err, BenchError::Frame(_)), "{err}");
+        assert!(err.to_string().contains("frame.jpg"), "{err}");
+    }
+}
