@@ -10,7 +10,8 @@
 //! The sums differ from a direct convolution's by float rounding (the tests bound it).
 
 use super::{
-    FConv, Floats, Geometry, Job, Kernel, LANES, MR, NV, Portable, SendPtr, Store, TileKernel,
+    FConv, Floats, Geometry, Job, Kernel, LANES, MR, NV, Planes, Portable, SendPtr, Store,
+    TileKernel,
 };
 use std::ops::Range;
 use std::sync::Arc;
@@ -436,7 +437,7 @@ impl FConv {
     pub(super) fn run_winograd(
         &self,
         wg: &Winograd,
-        input: &[f32],
+        input: Planes,
         residual: Option<&[f32]>,
         out: &mut [f32],
     ) {
@@ -590,7 +591,7 @@ impl FConv {
     unsafe fn transform_input(
         &self,
         wg: &Winograd,
-        x: &[f32],
+        x: Planes,
         ci: usize,
         vectors: Range<usize>,
         layout: Layout,
@@ -602,7 +603,7 @@ impl FConv {
             unsafe fn wide(
                 conv: &FConv,
                 wg: &Winograd,
-                x: &[f32],
+                x: Planes,
                 ci: usize,
                 vectors: Range<usize>,
                 layout: Layout,
@@ -627,14 +628,14 @@ impl FConv {
     unsafe fn transform_input_any<L: Lanes>(
         &self,
         wg: &Winograd,
-        x: &[f32],
+        x: Planes,
         ci: usize,
         vectors: Range<usize>,
         layout: Layout,
         u: *mut f32,
     ) {
         let g = &self.geo;
-        let x = &x[ci * g.h * g.w..][..g.h * g.w];
+        let x = x.plane(ci);
         let zero = L::splat(0.0);
         if let Some(tables) = &wg.gathered {
             for v in vectors {
