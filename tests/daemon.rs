@@ -315,6 +315,24 @@ fn a_bad_reload_is_rejected_and_the_old_model_keeps_serving() {
     assert!(stopped["frames"].as_u64().unwrap() > 0);
 }
 
+/// With two inference threads the frame loop runs on tract's thread pool: frames flow, a
+/// reload is taken, and SIGTERM still stops it cleanly.
+#[test]
+fn two_inference_threads_serve_reload_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &tiny(), &root().join("demo/clip"), 20.0, true);
+    with_section(&cfg, "\n[runtime]\nthreads = 2\n");
+    let mut d = start(&cfg);
+    d.wait_for("ready", Duration::from_secs(30));
+    d.signal("-HUP");
+    d.wait_for("reloaded", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal("-TERM");
+    assert!(d.exit_within(Duration::from_secs(2)).success());
+    let (stopped, _) = d.wait_for("stopped", Duration::from_secs(1));
+    assert!(stopped["frames"].as_u64().unwrap() > 0, "{stopped}");
+}
+
 mod common;
 
 fn with_section(cfg: &Path, section: &str) {
