@@ -65,6 +65,32 @@ fn pool<T: Copy + PartialOrd>(g: &Geometry, input: &[T], out: &mut [T], lowest: 
     }
 }
 
+/// The output of pooling `input` (`[1, c, h, w]` of `T`) with `run` on its planes, shared
+/// between tract's threads; `op` names the operator in the error for an input it was not
+/// planned for.
+fn pool_planes<T: Datum + Copy>(
+    op: &str,
+    g: &Geometry,
+    input: &Tensor,
+    run: impl Fn(&[T], &mut [T]) + Sync,
+) -> TractResult<TVec<TValue>> {
+    ensure!(
+        input.datum_type() == T::datum_type() && input.shape() == [1, g.c, g.h, g.w],
+        "{op}: input {:?} {:?} does not match the planned pooling",
+        input.datum_type(),
+        input.shape()
+    );
+    let src = input.try_as_plain_ram()?;
+    let src = src.as_slice::<T>()?;
+    // SAFETY: `run` writes every element of every plane.
+    let mut out = unsafe { Tensor::uninitialized::<T>(&[1, g.c, g.oh, g.ow])? };
+    let mut ram = out.try_as_plain_ram_mut()?;
+    super::parallel_parts(ram.as_slice_mut::<T>()?, g.oh * g.ow, |planes, part| {
+        run(&src[planes.start * g.h * g.w..planes.end * g.h * g.w], part)
+    });
+    Ok(tvec!(out.into_tvalue()))
+}
+
 super::with_avx512_copy!(MaxPoolU8, run, run_any, input: &[u8], out: &mut [u8]);
 
 impl MaxPoolU8 {
@@ -104,23 +130,9 @@ impl EvalOp for MaxPoolF32 {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let g = &self.geo;
-        let input = &inputs[0];
-        ensure!(
-            input.datum_type() == f32::datum_type() && input.shape() == [1, g.c, g.h, g.w],
-            "MaxPoolF32: input {:?} {:?} does not match the planned pooling",
-            input.datum_type(),
-            input.shape()
-        );
-        let src = input.try_as_plain_ram()?;
-        let src = src.as_slice::<f32>()?;
-        // SAFETY: `pool` writes every element of every plane.
-        let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, g.c, g.oh, g.ow])? };
-        let mut ram = out.try_as_plain_ram_mut()?;
-        super::parallel_parts(ram.as_slice_mut::<f32>()?, g.oh * g.ow, |planes, part| {
-            self.run(&src[planes.start * g.h * g.w..planes.end * g.h * g.w], part)
-        });
-        Ok(tvec!(out.into_tvalue()))
+        pool_planes("MaxPoolF32", &self.geo, &inputs[0], |src, out| {
+            self.run(src, out)
+        })
     }
 }
 
@@ -159,22 +171,9 @@ impl EvalOp for MaxPoolU8 {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let g = &self.geo;
-        let input = &inputs[0];
-        ensure!(
-            input.shape() == [1, g.c, g.h, g.w],
-            "MaxPoolU8: input {:?} does not match the planned pooling",
-            input.shape()
-        );
-        let src = input.try_as_plain_ram()?;
-        let src = src.as_slice::<u8>()?;
-        // SAFETY: `run` writes every element of every plane.
-        let mut out = unsafe { Tensor::uninitialized::<u8>(&[1, g.c, g.oh, g.ow])? };
-        let mut ram = out.try_as_plain_ram_mut()?;
-        super::parallel_parts(ram.as_slice_mut::<u8>()?, g.oh * g.ow, |planes, part| {
-            self.run(&src[planes.start * g.h * g.w..planes.end * g.h * g.w], part)
-        });
-        Ok(tvec!(out.into_tvalue()))
+        pool_planes("MaxPoolU8", &self.geo, &inputs[0], |src, out| {
+            self.run(src, out)
+        })
     }
 }
 
