@@ -679,8 +679,8 @@ impl TypedOp for FConv {
 }
 
 /// The input of a convolution of geometry `g`, zero-padded to `hp` rows and `wq` columns a
-/// phase, columns split by phase modulo the x stride: `[c][hp][sx][wq]`, so that a tap over `LANES` neighbouring output pixels of a row is
-/// `LANES` neighbouring floats.
+/// phase, columns split by phase modulo the x stride: `[c][hp][sx][wq]`, so that a tap over
+/// `LANES` neighbouring output pixels of a row is `LANES` neighbouring floats.
 fn padded(g: &Geometry, hp: usize, wq: usize, input: Planes) -> Vec<f32> {
     let (row_len, plane) = (g.sx * wq, hp * g.sx * wq);
     let len = g.c * plane;
