@@ -141,32 +141,69 @@ impl Detector {
 
     /// Scores a frame from its probabilities and mask (see [`Detector::mask`]).
     pub fn detect(&self, probs: &[f32], mask: &GrayImage) -> Detection {
-        let (w, h) = mask.dimensions();
-        let labels = connected_components(mask, Connectivity::Eight, Luma([0u8]));
-        // Per label: pixels, probability sum, bbox.
-        let mut stats: Vec<(u32, f64, u32, u32, u32, u32)> = Vec::new();
-        for (i, l) in labels.as_raw().iter().enumerate() {
-            if *l == 0 {
-                continue;
-            }
-            let l = *l as usize;
-            if stats.len() < l {
-                stats.resize(l, (0, 0.0, u32::MAX, u32::MAX, 0, 0));
-            }
-            let (x, y) = (i as u32 % w, i as u32 / w);
-            let s = &mut stats[l - 1];
-            s.0 += 1;
-            s.1 += probs[i] as f64;
-            s.2 = s.2.min(x);
-            s.3 = s.3.min(y);
-            s.4 = s.4.max(x);
-            s.5 = s.5.max(y);
+        decide(&self.cfg, &regions_of_mask(probs, mask, None)).0
+    }
+}
+
+/// A connected region of polyp pixels (before the `min_area` filter), and whether it touches
+/// the true mask (when one was given).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Region {
+    /// The region.
+    pub component: Component,
+    /// At least one of its pixels is a polyp pixel of the true mask.
+    pub overlaps_truth: bool,
+}
+
+/// Every 8-connected region of `probs` at or above `threshold` (`width` x `height`,
+/// row-major), with its overlap with the binary `truth` (0/1).
+pub fn regions(
+    probs: &[f32],
+    width: u32,
+    height: u32,
+    threshold: f32,
+    truth: Option<&[u8]>,
+) -> Vec<Region> {
+    let mask = GrayImage::from_fn(width, height, |x, y| {
+        Luma([if probs[(y * width + x) as usize] >= threshold {
+            255
+        } else {
+            0
+        }])
+    });
+    regions_of_mask(probs, &mask, truth)
+}
+
+/// Every 8-connected region of a binary mask (255 = polyp), scored with `probs`.
+pub fn regions_of_mask(probs: &[f32], mask: &GrayImage, truth: Option<&[u8]>) -> Vec<Region> {
+    let (w, h) = mask.dimensions();
+    let labels = connected_components(mask, Connectivity::Eight, Luma([0u8]));
+    // Per label: pixels, probability sum, bbox, overlap.
+    let mut stats: Vec<(u32, f64, u32, u32, u32, u32, bool)> = Vec::new();
+    for (i, l) in labels.as_raw().iter().enumerate() {
+        if *l == 0 {
+            continue;
         }
-        let total = (w * h) as f32;
-        let comps: Vec<Component> = stats
-            .iter()
-            .filter(|s| s.0 > 0)
-            .map(|&(n, sum, x0, y0, x1, y1)| Component {
+        let l = *l as usize;
+        if stats.len() < l {
+            stats.resize(l, (0, 0.0, u32::MAX, u32::MAX, 0, 0, false));
+        }
+        let (x, y) = (i as u32 % w, i as u32 / w);
+        let s = &mut stats[l - 1];
+        s.0 += 1;
+        s.1 += probs[i] as f64;
+        s.2 = s.2.min(x);
+        s.3 = s.3.min(y);
+        s.4 = s.4.max(x);
+        s.5 = s.5.max(y);
+        s.6 |= truth.is_some_and(|t| t[i] > 0);
+    }
+    let total = (w * h) as f32;
+    stats
+        .iter()
+        .filter(|s| s.0 > 0)
+        .map(|&(n, sum, x0, y0, x1, y1, overlaps_truth)| Region {
+            component: Component {
                 pixels: n,
                 area: n as f32 / total,
                 score: (sum / n as f64) as f32,
@@ -176,22 +213,38 @@ impl Detector {
                     (x1 - x0 + 1) as f32 / w as f32,
                     (y1 - y0 + 1) as f32 / h as f32,
                 ],
-            })
-            .filter(|c| c.area >= self.cfg.min_area)
-            .collect();
-        let best = comps
-            .iter()
-            .copied()
-            .max_by(|a, b| a.score.total_cmp(&b.score).then(a.pixels.cmp(&b.pixels)));
-        let score = best.map_or(0.0, |c| c.score);
+            },
+            overlaps_truth,
+        })
+        .collect()
+}
+
+/// The frame's decision under `cfg` from its regions, and the index of the best region: the
+/// highest score (then the most pixels) among those of at least `min_area`.
+pub fn decide(cfg: &DetectConfig, regions: &[Region]) -> (Detection, Option<usize>) {
+    let kept = regions
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.component.area >= cfg.min_area);
+    let components = kept.clone().count();
+    let best = kept
+        .max_by(|(_, a), (_, b)| {
+            let (a, b) = (&a.component, &b.component);
+            a.score.total_cmp(&b.score).then(a.pixels.cmp(&b.pixels))
+        })
+        .map(|(i, _)| i);
+    let best_c = best.map(|i| regions[i].component);
+    let score = best_c.map_or(0.0, |c| c.score);
+    (
         Detection {
-            best,
-            components: comps.len(),
+            best: best_c,
+            components,
             score,
-            positive: score >= self.cfg.alert_score,
-            candidate: score >= self.cfg.candidate_score,
-        }
-    }
+            positive: score >= cfg.alert_score,
+            candidate: score >= cfg.candidate_score,
+        },
+        best,
+    )
 }
 
 #[cfg(test)]

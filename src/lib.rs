@@ -19,6 +19,7 @@ pub mod config;
 pub mod dataset;
 pub mod detect;
 pub mod evaluate;
+pub mod frames;
 pub mod gpio;
 pub mod manifest;
 pub mod metrics;

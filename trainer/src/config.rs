@@ -7,21 +7,191 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ModelConfig;
 
-/// Where the data is and how the official training names are split.
+/// Where the data is and how it is split.
+///
+/// Either one source, named by `root`, `train_split`, `test_split` and `val_fraction` (the
+/// configs of model 0.2.0 and before), or several `[[data.sources]]` with a sampling weight
+/// each and `negative_share` of every batch drawn from the polyp-free ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Dataset folder with `images/` and `masks/` (relative paths: to the working directory).
-    pub root: PathBuf,
-    /// Split file of the training names (relative paths: to `root`); validation is carved out.
-    pub train_split: PathBuf,
-    /// Split file of the held-out test names (relative paths: to `root`). Never used for
-    /// model selection; only `eval` reads it.
-    pub test_split: PathBuf,
-    /// Fraction of the training names held out for validation.
-    pub val_fraction: f64,
-    /// Seed of the validation carve-out, the initialisation and the augmentation.
+    /// Single-source form: the dataset folder with `images/` and `masks/` (relative paths: to
+    /// the working directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Single-source form: split file of the training names (relative paths: to `root`);
+    /// validation is carved out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_split: Option<PathBuf>,
+    /// Single-source form: split file of the held-out test names (relative paths: to `root`).
+    /// Never used for model selection; only `eval` reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_split: Option<PathBuf>,
+    /// Single-source form: fraction of the training names held out for validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_fraction: Option<f64>,
+    /// Seed of the carve-outs, the initialisation and the augmentation.
     pub seed: u64,
+    /// Several sources (instead of `root` and its splits).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceConfig>,
+    /// Share of every training batch drawn from the `polyp_free` sources (0 without one).
+    #[serde(default)]
+    pub negative_share: f64,
+}
+
+/// One dataset of a multi-source configuration (`[[data.sources]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Short name: prefixes the split files written into the run folder and the report rows.
+    pub name: String,
+    /// Folder with `images/` and `masks/` (relative: to the working directory).
+    pub root: PathBuf,
+    /// Split file of the names training and validation are drawn from (relative: to `root`);
+    /// every image of the folder without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_split: Option<PathBuf>,
+    /// Split file of the held-out test names (relative: to `root`); without one, a seeded
+    /// `test_fraction` carve-out is the test set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_split: Option<PathBuf>,
+    /// Fraction of the names held out for validation.
+    #[serde(default)]
+    pub val_fraction: f64,
+    /// Fraction of the names held out for test (only without `test_split`).
+    #[serde(default)]
+    pub test_fraction: f64,
+    /// Sampling weight: expected draws of each training image per epoch (polyp sources).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Every mask is empty: the source feeds the `negative_share` of each batch and is scored
+    /// by frame specificity, not by mask overlap.
+    #[serde(default)]
+    pub polyp_free: bool,
+    /// Polyp sources: also cut from each training image the largest square away from its
+    /// mask (at least 96 input pixels a side) and add it to the polyp-free pool, so that
+    /// "polyp-free" is not learnt as "another centre's look".
+    #[serde(default)]
+    pub free_crops: bool,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl DataConfig {
+    /// The sources, the single-source form turned into one source named `data`.
+    pub fn sources(&self) -> Vec<SourceConfig> {
+        if !self.sources.is_empty() {
+            return self.sources.clone();
+        }
+        vec![SourceConfig {
+            name: "data".into(),
+            root: self.root.clone().unwrap_or_default(),
+            train_split: self.train_split.clone(),
+            test_split: self.test_split.clone(),
+            val_fraction: self.val_fraction.unwrap_or(0.0),
+            test_fraction: 0.0,
+            weight: 1.0,
+            polyp_free: false,
+            free_crops: false,
+        }]
+    }
+
+    /// Whether this is the single-source form.
+    pub fn single(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    fn validate(&self) -> Result<()> {
+        let legacy = self.root.is_some()
+            || self.train_split.is_some()
+            || self.test_split.is_some()
+            || self.val_fraction.is_some();
+        if legacy && !self.sources.is_empty() {
+            bail!(
+                "[data] root/train_split/test_split/val_fraction and [[data.sources]] exclude each other: move them into a [[data.sources]] table"
+            );
+        }
+        if self.sources.is_empty() {
+            for (k, missing) in [
+                ("root", self.root.is_none()),
+                ("train_split", self.train_split.is_none()),
+                ("test_split", self.test_split.is_none()),
+                ("val_fraction", self.val_fraction.is_none()),
+            ] {
+                if missing {
+                    bail!(
+                        "[data] {k} is missing: give root, train_split, test_split and val_fraction, or [[data.sources]] tables"
+                    );
+                }
+            }
+            if self.negative_share != 0.0 {
+                bail!(
+                    "[data] negative_share needs [[data.sources]] with a polyp_free = true source"
+                );
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for s in self.sources() {
+            let n = &s.name;
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bail!("[[data.sources]] name = {n:?} must be letters, digits, '-' or '_'");
+            }
+            if !names.insert(n.clone()) {
+                bail!("[[data.sources]] name = {n:?} appears twice");
+            }
+            let held = s.val_fraction + s.test_fraction;
+            if !(0.0..0.9).contains(&s.val_fraction)
+                || !(0.0..0.9).contains(&s.test_fraction)
+                || held >= 0.9
+            {
+                bail!(
+                    "source {n}: val_fraction = {} and test_fraction = {} must be >= 0 and hold out less than 0.9 together",
+                    s.val_fraction,
+                    s.test_fraction
+                );
+            }
+            if s.test_split.is_some() && s.test_fraction > 0.0 {
+                bail!("source {n}: give test_split or test_fraction, not both");
+            }
+            if s.free_crops && s.polyp_free {
+                bail!("source {n}: free_crops is for polyp sources (polyp_free = false)");
+            }
+            if s.free_crops && self.negative_share == 0.0 {
+                bail!("source {n}: free_crops needs [data] negative_share > 0");
+            }
+            if !(s.weight >= 0.0 && s.weight <= 100.0) {
+                bail!("source {n}: weight = {} must be in [0, 100]", s.weight);
+            }
+        }
+        let has_neg = self.sources.iter().any(|s| s.polyp_free || s.free_crops);
+        if !self.sources.is_empty() && !self.sources.iter().any(|s| !s.polyp_free && s.weight > 0.0)
+        {
+            bail!(
+                "[[data.sources]]: at least one polyp source (polyp_free = false) needs weight > 0"
+            );
+        }
+        if !(0.0..0.9).contains(&self.negative_share) {
+            bail!(
+                "[data] negative_share = {} must be in [0, 0.9)",
+                self.negative_share
+            );
+        }
+        if has_neg != (self.negative_share > 0.0) {
+            bail!(
+                "[data] negative_share = {} but {} polyp_free or free_crops source: set both or neither",
+                self.negative_share,
+                if has_neg { "a" } else { "no" }
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Optimisation schedule.
@@ -141,12 +311,7 @@ impl TrainConfig {
         if t.lr_drop_epoch.is_some() != t.lr_after_drop.is_some() {
             bail!("[train] lr_drop_epoch and lr_after_drop go together");
         }
-        if !(0.0..0.9).contains(&self.data.val_fraction) {
-            bail!(
-                "[data] val_fraction = {} must be in [0, 0.9)",
-                self.data.val_fraction
-            );
-        }
+        self.data.validate()?;
         let a = &self.augment;
         if !(a.scale[0] > 0.0 && a.scale[0] <= a.scale[1]) {
             bail!(
@@ -157,12 +322,17 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// A split path resolved against the dataset root.
-    pub fn split_path(&self, split: &Path) -> PathBuf {
-        if split.is_absolute() {
-            split.to_path_buf()
+    /// Replaces the data root (`--data`): the single-source root, or the folder the
+    /// sources' relative roots are taken from.
+    pub fn set_data_root(&mut self, dir: &Path) {
+        if self.data.single() {
+            self.data.root = Some(dir.to_path_buf());
         } else {
-            self.data.root.join(split)
+            for s in &mut self.data.sources {
+                if let Some(name) = s.root.file_name() {
+                    s.root = dir.join(name);
+                }
+            }
         }
     }
 
@@ -188,9 +358,10 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
-    const PRESETS: [&str; 2] = [
+    const PRESETS: [&str; 3] = [
         include_str!("../configs/edge.toml"),
         include_str!("../configs/study.toml"),
+        include_str!("../configs/edge-multi.toml"),
     ];
 
     #[test]
@@ -215,6 +386,50 @@ mod tests {
         let after = cfg.lr_at(20, 500, 1000);
         assert!((before - 1e-4 * 0.5f64.powf(0.9)).abs() < 1e-12);
         assert!((after - 1e-5 * 0.5f64.powf(0.9)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn single_source_form_is_one_source() {
+        let cfg = TrainConfig::parse(PRESETS[0]).unwrap();
+        let s = cfg.data.sources();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].root, Path::new("../shared/datasets/kvasir-seg"));
+        assert_eq!(s[0].val_fraction, 0.1);
+        assert!(!s[0].polyp_free);
+    }
+
+    #[test]
+    fn multi_source_mistakes_name_the_key() {
+        let multi = PRESETS[2];
+        for (text, key) in [
+            // Both forms at once.
+            (
+                multi.replace("seed = 42", "seed = 42\nroot = \"x\""),
+                "[[data.sources]]",
+            ),
+            // A polyp-free source but no share of the batch for it.
+            (multi.replace("negative_share = 0.25", ""), "negative_share"),
+            (
+                multi.replace("name = \"bkai\"", "name = \"kvasir\""),
+                "twice",
+            ),
+            (
+                multi.replace("test_fraction = 0.1\npolyp", "test_fraction = 0.85\npolyp"),
+                "test_fraction",
+            ),
+            (
+                multi.replace("polyp_free = true", "polyp_free = true\nhue = 1"),
+                "hue",
+            ),
+            // The single-source form with a key missing.
+            (
+                PRESETS[0].replace("val_fraction = 0.1\n", ""),
+                "val_fraction",
+            ),
+        ] {
+            let err = format!("{:#}", TrainConfig::parse(&text).unwrap_err());
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
-use polypwatch::dataset::Dataset;
 use polypwatch::metrics::SetScores;
 use polypwatch::preprocess::Recipe;
 
 use crate::config::TrainConfig;
+use crate::data::{self, Set};
 use crate::train::{self, Backend, RunDir};
 
 /// Loads a run's configuration, with an optional data-root override.
@@ -18,7 +18,7 @@ pub fn run_config(run: &RunDir, data: Option<&Path>) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::load(&run.config())
         .with_context(|| format!("{} is not a training run folder", run.0.display()))?;
     if let Some(d) = data {
-        cfg.data.root = d.to_path_buf();
+        cfg.set_data_root(d);
     }
     Ok(cfg)
 }
@@ -44,30 +44,40 @@ pub fn eval(
     let device: Device = backend.device()?;
     let model = train::load_model(&cfg, &weights_path(run, weights), &device)?;
     let recipe = Recipe::square(cfg.train.input_size);
-    let root = &cfg.data.root;
-    let sets = [
-        ("train", run.0.join("train.txt")),
-        ("validation", run.0.join("val.txt")),
-        ("test", cfg.split_path(&cfg.data.test_split)),
-    ];
+    let single = cfg.data.single();
     let mut out = BTreeMap::new();
-    for (name, split) in sets {
-        let ds = Dataset::open_split(root, &split)?;
-        let items = train::load_with_bar(name, &ds.samples, &recipe, quiet)?;
-        out.insert(
-            name.to_string(),
-            train::evaluate(&model, &items, &recipe, &device),
-        );
+    for source in cfg.data.sources() {
+        for set in [Set::Train, Set::Val, Set::Test] {
+            let samples = data::open_run_split(&run.0, &cfg, &source, set)?;
+            if samples.is_empty() {
+                continue;
+            }
+            let name = if single {
+                set.as_str().to_string()
+            } else {
+                format!("{} {}", source.name, set.as_str())
+            };
+            let items = train::load_with_bar(&name, &samples, &recipe, quiet)?;
+            out.insert(name, train::evaluate(&model, &items, &recipe, &device));
+        }
     }
     Ok(out)
 }
 
-/// Prints the table in set order train, validation, test.
+/// Prints the table: set order train, validation, test, per source.
 pub fn print_table(scores: &BTreeMap<String, SetScores>) {
     println!("{}", SetScores::TABLE_HEADER);
-    for set in ["train", "validation", "test"] {
-        if let Some(s) = scores.get(set) {
-            println!("{}", s.table_row(set));
-        }
+    let rank = |k: &str| {
+        let set = k.rsplit(' ').next().unwrap_or(k);
+        let source = k.strip_suffix(set).unwrap_or("").to_string();
+        let order = ["train", "validation", "test"]
+            .iter()
+            .position(|s| *s == set);
+        (source, order)
+    };
+    let mut keys: Vec<&String> = scores.keys().collect();
+    keys.sort_by_key(|k| rank(k));
+    for k in keys {
+        println!("{}", scores[k].table_row(k));
     }
 }

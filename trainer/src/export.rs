@@ -16,6 +16,7 @@ use polypwatch::model::{Segmenter, load_checked};
 use polypwatch::preprocess::Recipe;
 use tract_onnx::prelude::tvec;
 
+use crate::data::{self, Set};
 use crate::eval::{run_config, weights_path};
 use crate::quant;
 use crate::train::{self, RunDir, THRESHOLD};
@@ -125,6 +126,7 @@ pub const SELFTEST_MIN_IOU: f64 = 0.98;
 pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let run = RunDir(opts.run.clone());
     let cfg = run_config(&run, opts.data.as_deref())?;
+    let sources = cfg.data.sources();
     let device = Device::flex();
     let model = train::load_model(&cfg, &weights_path(&run, &opts.weights), &device)?.valid();
     let size = cfg.train.input_size as usize;
@@ -163,14 +165,34 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             threshold: THRESHOLD,
         },
         provenance: Provenance {
-            training_data: format!("Kvasir-SEG ({})", cfg.data.root.display()),
-            split: format!(
-                "{} minus a {:.0}% validation carve-out (seed {}); test: {}",
-                cfg.data.train_split.display(),
-                cfg.data.val_fraction * 100.0,
-                cfg.data.seed,
-                cfg.data.test_split.display()
-            ),
+            training_data: sources
+                .iter()
+                .map(|s| format!("{} ({})", s.name, s.root.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            split: sources
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}: {} minus {:.0}% validation{} (seed {}){}",
+                        s.name,
+                        s.train_split
+                            .as_ref()
+                            .map_or("all images".into(), |p| p.display().to_string()),
+                        s.val_fraction * 100.0,
+                        if s.test_fraction > 0.0 {
+                            format!(" and {:.0}% test", s.test_fraction * 100.0)
+                        } else {
+                            String::new()
+                        },
+                        cfg.data.seed,
+                        s.test_split
+                            .as_ref()
+                            .map_or(String::new(), |p| format!("; test: {}", p.display()))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
             trainer_commit: git_commit(),
             tract_version: polypwatch::TRACT_VERSION.into(),
             created: now_rfc3339(),
@@ -190,7 +212,16 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     };
 
     // Verify on real validation images: Burn and tract must agree.
-    let val = Dataset::open_split(&cfg.data.root, &run.0.join("val.txt"))?;
+    // The first polyp source: its validation images verify the export, its test images
+    // give the manifest's metrics, and its training images calibrate int8.
+    let main = sources
+        .iter()
+        .find(|s| !s.polyp_free)
+        .context("the run has no polyp source")?;
+    let val = Dataset {
+        root: main.root.clone(),
+        samples: data::open_run_split(&run.0, &cfg, main, Set::Val)?,
+    };
     let n = opts.verify_images.min(val.len()).max(1);
     let items = train::load_with_bar("verify", &val.samples[..n.min(val.len())], &recipe, true)?;
     let inputs: Vec<Vec<f32>> = items
@@ -222,7 +253,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let seg_f32 = Segmenter::load(&f32_manifest)?;
 
     // Metrics for the manifest, measured the way the daemon runs the model (tract).
-    let test = Dataset::open_split(&cfg.data.root, &cfg.split_path(&cfg.data.test_split))?;
+    let test = Dataset {
+        root: main.root.clone(),
+        samples: data::open_run_split(&run.0, &cfg, main, Set::Test)?,
+    };
     let mut manifest = manifest;
     let mut report = ExportReport {
         f32_manifest: f32_manifest.clone(),
@@ -233,7 +267,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     };
     let mut int8 = None;
     if opts.int8 {
-        let train_names = Dataset::open_split(&cfg.data.root, &run.0.join("train.txt"))?;
+        let train_names = Dataset {
+            root: main.root.clone(),
+            samples: data::open_run_split(&run.0, &cfg, main, Set::Train)?,
+        };
         let n = opts.calib_images.clamp(1, train_names.len());
         let calib = train::load_with_bar("calibrate", &train_names.samples[..n], &recipe, true)?;
         let calib: Vec<Vec<f32>> = calib

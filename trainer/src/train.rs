@@ -10,15 +10,15 @@ use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use indicatif::{ProgressBar, ProgressStyle};
+use polypwatch::detect::{DetectConfig, Detector};
 use polypwatch::metrics::{Accumulator, ImageScores, SetScores};
 use polypwatch::model::sigmoid as sigmoid_f32;
 use polypwatch::preprocess::Recipe;
-use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
-use crate::config::TrainConfig;
-use crate::data::{self, Item};
+use crate::config::{SourceConfig, TrainConfig};
+use crate::data::{self, Item, Set};
 use crate::model::DeepLab;
 use crate::plot;
 
@@ -85,7 +85,8 @@ pub struct RunState {
     pub epochs_done: usize,
     /// Optimiser steps taken.
     pub steps_done: usize,
-    /// Best validation mean IoU so far.
+    /// Best validation selection score so far: mean IoU of the polyp images, times the
+    /// polyp-free images' frame specificity where there are any.
     pub best_val_iou: f64,
     /// Epoch (1-based) of the best checkpoint.
     pub best_epoch: usize,
@@ -170,6 +171,71 @@ pub fn evaluate(model: &DeepLab, items: &[Item], recipe: &Recipe, device: &Devic
     acc.finish()
 }
 
+/// One epoch's validation over every source.
+pub struct Validation {
+    /// Mask metrics over the polyp sources' validation images together.
+    pub polyp: SetScores,
+    /// Frame specificity on the polyp-free validation images under the daemon's default
+    /// detect settings, if there are any.
+    pub specificity: Option<f64>,
+    /// What selects the best checkpoint: polyp mean IoU, times specificity where measured.
+    pub select: f64,
+    /// Per-source IoU or specificity, for the log line.
+    pub per_source: String,
+}
+
+/// Validates on each source: mask IoU on polyp sources, frame specificity on polyp-free ones.
+pub fn validate(
+    model: &DeepLab,
+    sets: &[(SourceConfig, Vec<Item>)],
+    recipe: &Recipe,
+    device: &Device,
+) -> Validation {
+    let detector = Detector::new(DetectConfig::default(), THRESHOLD);
+    let mut polyp = Accumulator::default();
+    let (mut negatives, mut quiet) = (0usize, 0usize);
+    let mut per_source = String::new();
+    for (source, items) in sets {
+        let logits = predict_logits(model, items, recipe, device);
+        let mut acc = Accumulator::default();
+        let mut q = 0;
+        for (mut l, item) in logits.into_iter().zip(items) {
+            if source.polyp_free {
+                let mask = detector.mask(&mut l, recipe.width, recipe.height);
+                q += usize::from(!detector.detect(&l, &mask).positive);
+            } else {
+                let p: Vec<f32> = l.iter().map(|&v| sigmoid_f32(v)).collect();
+                let s = ImageScores::compute(&p, THRESHOLD, &item.mask);
+                acc.push(&s);
+                polyp.push(&s);
+            }
+        }
+        if sets.len() > 1 {
+            if source.polyp_free {
+                per_source += &format!(
+                    " [{} spec {:.3}]",
+                    source.name,
+                    q as f64 / items.len().max(1) as f64
+                );
+            } else {
+                per_source += &format!(" [{} iou {:.3}]", source.name, acc.finish().mean_iou);
+            }
+        }
+        if source.polyp_free {
+            negatives += items.len();
+            quiet += q;
+        }
+    }
+    let polyp = polyp.finish();
+    let specificity = (negatives > 0).then(|| quiet as f64 / negatives as f64);
+    Validation {
+        polyp,
+        specificity,
+        select: polyp.mean_iou * specificity.unwrap_or(1.0),
+        per_source,
+    }
+}
+
 fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
@@ -186,14 +252,37 @@ pub fn load_with_bar(
     recipe: &Recipe,
     quiet: bool,
 ) -> Result<Vec<Item>> {
+    load_with_bar_crops(what, samples, recipe, false, quiet).map(|(items, _)| items)
+}
+
+/// Like [`load_with_bar`], also returning the polyp-free crops of the images when `crops`
+/// (see [`data::load_items_with_crops`]).
+pub fn load_with_bar_crops(
+    what: &str,
+    samples: &[polypwatch::dataset::Sample],
+    recipe: &Recipe,
+    crops: bool,
+    quiet: bool,
+) -> Result<(Vec<Item>, Vec<Item>)> {
     let pb = bar(
         samples.len() as u64,
         quiet,
         &format!("loading {what:<10} [{{bar:30}}] {{pos}}/{{len}} {{eta}}"),
     );
-    let items = data::load_items(samples, recipe, || pb.inc(1))?;
+    let side = crops.then_some(data::FREE_CROP_MIN_SIDE);
+    let out = data::load_items_with_crops(samples, recipe, side, || pb.inc(1))?;
     pb.finish_and_clear();
-    Ok(items)
+    Ok(out)
+}
+
+/// A polyp source's polyp-free crops, validated as a polyp-free set of their own.
+fn crops_source(source: &SourceConfig) -> SourceConfig {
+    SourceConfig {
+        name: format!("{}-free", source.name),
+        polyp_free: true,
+        free_crops: false,
+        ..source.clone()
+    }
 }
 
 fn save_checkpoint(
@@ -241,7 +330,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     let run = RunDir(opts.out.clone());
     let mut cfg = TrainConfig::load(&opts.config)?;
     if let Some(root) = &opts.data {
-        cfg.data.root = root.clone();
+        cfg.set_data_root(root);
     }
     if let Some(e) = opts.epochs {
         cfg.train.epochs = e;
@@ -258,7 +347,9 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         let saved = TrainConfig::load(&run.config())?;
         let mut cmp = saved.clone();
         cmp.train.epochs = cfg.train.epochs;
-        cmp.data.root = cfg.data.root.clone();
+        if let Some(root) = &opts.data {
+            cmp.set_data_root(root);
+        }
         if cmp != cfg {
             bail!(
                 "--resume: {} differs from the run's {} (only epochs and the data path may change)",
@@ -285,14 +376,69 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
 
     let recipe = Recipe::square(cfg.train.input_size);
     let mut splits = data::splits(&cfg)?;
-    if let Some(m) = opts.max_images {
-        splits.train.truncate(m);
-        splits.val.truncate(m.div_ceil(4).max(2));
+    let mut train_items = Vec::new();
+    let mut groups = Vec::new();
+    let mut neg_start = None;
+    let (mut free_crops, mut val_crops_sets, mut crops_before) = (Vec::new(), Vec::new(), 0);
+    let mut val_sets = Vec::new();
+    // Polyp sources first, so the polyp-free items are one range at the end.
+    splits.sort_by_key(|s| s.source.polyp_free);
+    for split in &mut splits {
+        if let Some(m) = opts.max_images {
+            split.train.truncate(m);
+            split.val.truncate(m.div_ceil(4).max(2));
+        }
+        let name = &split.source.name;
+        for (set, names) in [
+            (Set::Train, &split.train),
+            (Set::Val, &split.val),
+            (Set::Test, &split.test),
+        ] {
+            data::write_names(&run.0.join(format!("{name}.{}.txt", set.as_str())), names)?;
+        }
+        if cfg.data.single() {
+            data::write_names(&run.0.join("train.txt"), &split.train)?;
+            data::write_names(&run.0.join("val.txt"), &split.val)?;
+        }
+        let start = train_items.len();
+        let crops = split.source.free_crops;
+        let (items, train_crops) = load_with_bar_crops(
+            &format!("{name} train"),
+            &split.train,
+            &recipe,
+            crops,
+            opts.quiet,
+        )?;
+        train_items.extend(items);
+        free_crops.extend(train_crops);
+        if split.source.polyp_free {
+            neg_start.get_or_insert(start);
+        } else {
+            groups.push((start..train_items.len(), split.source.weight));
+        }
+        let (val, val_crops) = load_with_bar_crops(
+            &format!("{name} val"),
+            &split.val,
+            &recipe,
+            crops,
+            opts.quiet,
+        )?;
+        val_sets.push((split.source.clone(), val));
+        if crops {
+            eprintln!(
+                "source {name}: {} training and {} validation polyp-free crops",
+                free_crops.len() - crops_before,
+                val_crops.len()
+            );
+            val_crops_sets.push((crops_source(&split.source), val_crops));
+        }
+        crops_before = free_crops.len();
     }
-    data::write_names(&run.0.join("train.txt"), &splits.train)?;
-    data::write_names(&run.0.join("val.txt"), &splits.val)?;
-    let train_items = load_with_bar("training", &splits.train, &recipe, opts.quiet)?;
-    let val_items = load_with_bar("validation", &splits.val, &recipe, opts.quiet)?;
+    // The crops join the polyp-free sources' items, which end the list.
+    neg_start.get_or_insert(train_items.len());
+    train_items.extend(free_crops);
+    val_sets.extend(val_crops_sets);
+    let negatives = neg_start.unwrap_or(train_items.len())..train_items.len();
     let bs = cfg.train.batch_size.min(train_items.len());
     if bs < 2 {
         bail!(
@@ -300,6 +446,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
             train_items.len()
         );
     }
+    let sampler = data::Sampler::new(groups, negatives, bs, cfg.data.negative_share);
 
     let device = opts.backend.device()?;
     device.seed(cfg.data.seed);
@@ -325,19 +472,19 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     } else {
         std::fs::write(
             run.metrics_csv(),
-            "epoch,train_loss,val_dice,val_iou,lr,images_per_s,epoch_seconds\n",
+            "epoch,train_loss,val_dice,val_iou,lr,images_per_s,epoch_seconds,val_specificity,val_select\n",
         )?;
     }
 
     let crop = cfg.train.crop.unwrap_or(cfg.train.input_size);
-    let steps_per_epoch = train_items.len() / bs;
+    let steps_per_epoch = sampler.steps_per_epoch();
     let total_steps = steps_per_epoch * cfg.train.epochs;
     eprintln!(
         "training {} ({} parameters) on {} images, validating on {}, {} epochs of {} steps",
         cfg.model.architecture(),
         model.num_params(),
         train_items.len(),
-        val_items.len(),
+        val_sets.iter().map(|(_, v)| v.len()).sum::<usize>(),
         cfg.train.epochs,
         steps_per_epoch
     );
@@ -351,8 +498,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         let mut rng = StdRng::seed_from_u64(
             cfg.data.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let mut order: Vec<usize> = (0..train_items.len()).collect();
-        order.shuffle(&mut rng);
+        let batches = sampler.epoch(&mut rng);
         let pb = bar(
             steps_per_epoch as u64,
             opts.quiet,
@@ -364,7 +510,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         );
         let mut loss_sum = 0.0;
         let mut lr = 0.0;
-        for (step, idx) in order.chunks_exact(bs).enumerate() {
+        for (step, idx) in batches.iter().enumerate() {
             let (imgs, masks): (Vec<_>, Vec<_>) = idx
                 .iter()
                 .map(|&i| data::augment(&train_items[i], &cfg.augment, crop, &mut rng))
@@ -399,22 +545,24 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         }
         pb.finish_and_clear();
         let train_secs = start.elapsed().as_secs_f64();
-        let val = evaluate(&model, &val_items, &recipe, &device);
+        let val = validate(&model, &val_sets, &recipe, &device);
         let secs = start.elapsed().as_secs_f64();
         state.epochs_done = epoch + 1;
         state.train_seconds += secs;
         let train_loss = loss_sum / steps_per_epoch.max(1) as f64;
         let ips = (steps_per_epoch * bs) as f64 / train_secs;
         let line = format!(
-            "{},{train_loss:.6},{:.6},{:.6},{lr:.3e},{ips:.2},{secs:.1}\n",
+            "{},{train_loss:.6},{:.6},{:.6},{lr:.3e},{ips:.2},{secs:.1},{},{:.6}\n",
             epoch + 1,
-            val.mean_dice,
-            val.mean_iou
+            val.polyp.mean_dice,
+            val.polyp.mean_iou,
+            val.specificity.map_or(String::new(), |s| format!("{s:.6}")),
+            val.select
         );
         append(&run.metrics_csv(), &line)?;
-        let is_best = val.mean_iou > state.best_val_iou || state.best_epoch == 0;
+        let is_best = val.select > state.best_val_iou || state.best_epoch == 0;
         if is_best {
-            state.best_val_iou = val.mean_iou;
+            state.best_val_iou = val.select;
             state.best_epoch = epoch + 1;
             model
                 .clone()
@@ -429,11 +577,14 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
             eprintln!("warning: could not draw curves: {e:#}");
         }
         eprintln!(
-            "epoch {:>3}/{}  loss {train_loss:.4}  val dice {:.4} iou {:.4}{}  lr {lr:.2e}  {ips:.1} img/s  {secs:.0}s",
+            "epoch {:>3}/{}  loss {train_loss:.4}  val dice {:.4} iou {:.4}{}{}{}  lr {lr:.2e}  {ips:.1} img/s  {secs:.0}s",
             epoch + 1,
             cfg.train.epochs,
-            val.mean_dice,
-            val.mean_iou,
+            val.polyp.mean_dice,
+            val.polyp.mean_iou,
+            val.specificity
+                .map_or(String::new(), |s| format!(" specificity {s:.4}")),
+            val.per_source,
             if is_best { " (best)" } else { "" }
         );
     }
@@ -468,4 +619,48 @@ fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
         .map(|(_, l)| format!("{l}\n"))
         .collect();
     std::fs::write(path, kept).with_context(|| format!("rewriting {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn logits(v: Vec<f32>, n: usize, side: usize) -> Tensor<4> {
+        Tensor::from_data(TensorData::new(v, [n, 1, side, side]), &Device::flex())
+    }
+
+    /// A polyp-free image is scored by its own soft Dice term (per image, smoothed by 1): an
+    /// empty prediction costs nothing, a false blob costs about as much as missing a polyp, and
+    /// a batch partner with a polyp does not dilute it (per-batch Dice would).
+    #[test]
+    fn loss_on_empty_masks() {
+        let side = 16;
+        let px = side * side;
+        let empty = vec![0f32; px];
+        let quiet = logits(vec![-12.0; px], 1, side);
+        let l = loss(quiet, logits(empty.clone(), 1, side), 0.0, 1.0).into_scalar::<f32>();
+        assert!(l < 0.01, "empty on empty: {l}");
+        // A 4x4 false blob on a polyp-free image.
+        let mut blob = vec![-12.0f32; px];
+        for y in 4..8 {
+            for x in 4..8 {
+                blob[y * side + x] = 12.0;
+            }
+        }
+        let l_blob = loss(
+            logits(blob.clone(), 1, side),
+            logits(empty.clone(), 1, side),
+            0.0,
+            1.0,
+        )
+        .into_scalar::<f32>();
+        assert!(l_blob > 0.9, "false blob: {l_blob}");
+        // Beside a perfectly predicted polyp image, the blob still costs half the batch's mean.
+        let truth: Vec<f32> = blob.iter().map(|&v| f32::from(v > 0.0)).collect();
+        let two = logits([blob.clone(), blob].concat(), 2, side);
+        let target = logits([empty, truth].concat(), 2, side);
+        let l_pair = loss(two, target, 0.0, 1.0).into_scalar::<f32>();
+        assert!((l_pair - l_blob / 2.0).abs() < 0.01, "{l_pair} vs {l_blob}");
+    }
 }
