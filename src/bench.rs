@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::detect::{DetectConfig, Detector};
+use crate::detect::Detector;
 use crate::model::{ModelError, Segmenter};
 use crate::preprocess::{self, PreprocessError};
 
@@ -120,7 +120,10 @@ pub fn bench(
         })
         .collect::<Result<_, _>>()?;
     let r = &seg.manifest().preprocess;
-    let det = Detector::new(DetectConfig::default(), seg.manifest().output.threshold);
+    let det = Detector::new(
+        seg.manifest().detect_config(),
+        seg.manifest().output.threshold,
+    );
     // On one of tract's threads for the whole loop, as the daemon's inference thread is: each
     // frame then starts without handing the run to the pool and waiting for it back.
     let t = crate::accel::on_tract_threads(|| -> Result<_, BenchError> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertConfig;
-use crate::detect::DetectConfig;
+use crate::detect::DetectOverrides;
 use crate::gpio::GpioConfig;
 use crate::pixfmt::PixelFormat;
 
@@ -230,7 +230,7 @@ pub struct Config {
     pub source: SourceSection,
     /// Detection.
     #[serde(default)]
-    pub detect: DetectConfig,
+    pub detect: DetectOverrides,
     /// Alert hysteresis.
     #[serde(default)]
     pub alert: AlertConfig,

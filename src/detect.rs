@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::sigmoid;
 
-/// Detection parameters (the `[detect]` table of the daemon config).
+/// Detection parameters in effect (see [`DetectOverrides::resolve`] for where they come from).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DetectConfig {
@@ -75,6 +75,131 @@ impl DetectConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// The `[detect]` table of the daemon config: each key given overrides the model's operating
+/// point (the manifest's `[detect]`), and a key given nowhere takes the built-in default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectOverrides {
+    /// Pixel probability threshold.
+    #[serde(default)]
+    pub pixel_threshold: Option<f32>,
+    /// Smallest region, as a fraction of the frame, that can make a frame positive.
+    #[serde(default)]
+    pub min_area: Option<f32>,
+    /// Frame score at or above which a frame is positive.
+    #[serde(default)]
+    pub alert_score: Option<f32>,
+    /// Lower score at or above which a frame is a candidate (debug log only).
+    #[serde(default)]
+    pub candidate_score: Option<f32>,
+}
+
+/// Where an effective detect setting came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The daemon config's `[detect]`.
+    Config,
+    /// The model manifest's operating point (`[detect]`, or `[output] threshold` for pixels).
+    Manifest,
+    /// polypwatch's built-in default.
+    Default,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Config => "config [detect]",
+            Origin::Manifest => "model manifest",
+            Origin::Default => "built-in default",
+        })
+    }
+}
+
+/// Effective detect settings and where each came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The settings (pixel threshold always set).
+    pub cfg: DetectConfig,
+    /// `(key, value, origin)` for the four keys.
+    pub origins: [(&'static str, f32, Origin); 4],
+}
+
+impl DetectOverrides {
+    /// Checks the ranges of the keys given; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = DetectConfig::default();
+        DetectConfig {
+            pixel_threshold: self.pixel_threshold,
+            min_area: self.min_area.unwrap_or(d.min_area),
+            alert_score: self.alert_score.unwrap_or(0.99),
+            candidate_score: self.candidate_score.unwrap_or(0.01),
+        }
+        .validate()?;
+        if let (Some(c), Some(a)) = (self.candidate_score, self.alert_score) {
+            DetectConfig {
+                candidate_score: c,
+                alert_score: a,
+                ..d
+            }
+            .validate()?;
+        }
+        Ok(())
+    }
+
+    /// The effective settings over a model's operating point (`point`, if its manifest has
+    /// one) and its `[output] threshold`. A candidate score left to the default never exceeds
+    /// the alert score; one set in the config that does is an error naming both origins.
+    pub fn resolve(
+        &self,
+        point: Option<&crate::frames::OperatingPoint>,
+        manifest_threshold: f32,
+    ) -> Result<Resolved, String> {
+        let d = DetectConfig::default();
+        let pick = |given: Option<f32>, model: Option<f32>, default: f32| match (given, model) {
+            (Some(v), _) => (v, Origin::Config),
+            (None, Some(v)) => (v, Origin::Manifest),
+            (None, None) => (default, Origin::Default),
+        };
+        let pt = pick(
+            self.pixel_threshold,
+            Some(point.map_or(manifest_threshold, |p| p.pixel_threshold)),
+            manifest_threshold,
+        );
+        let area = pick(self.min_area, point.map(|p| p.min_area), d.min_area);
+        let alert = pick(
+            self.alert_score,
+            point.map(|p| p.alert_score),
+            d.alert_score,
+        );
+        let cand = match self.candidate_score {
+            Some(v) => (v, Origin::Config),
+            None => (d.candidate_score.min(alert.0), Origin::Default),
+        };
+        let cfg = DetectConfig {
+            pixel_threshold: Some(pt.0),
+            min_area: area.0,
+            alert_score: alert.0,
+            candidate_score: cand.0,
+        };
+        cfg.validate().map_err(|e| {
+            format!(
+                "{e} (alert_score from the {}, candidate_score from the {})",
+                alert.1, cand.1
+            )
+        })?;
+        Ok(Resolved {
+            cfg,
+            origins: [
+                ("pixel_threshold", pt.0, pt.1),
+                ("min_area", area.0, area.1),
+                ("alert_score", alert.0, alert.1),
+                ("candidate_score", cand.0, cand.1),
+            ],
+        })
     }
 }
 

@@ -1,6 +1,8 @@
 //! Scoring a model on an image/mask set through the daemon's own inference path.
 
 use crate::dataset::{DatasetError, Sample};
+use crate::detect::DetectConfig;
+use crate::frames::{Evaluation, FrameOutcome};
 use crate::metrics::{Accumulator, ImageScores, SetScores};
 use crate::model::{ModelError, Segmenter, sigmoid};
 
@@ -24,6 +26,8 @@ pub struct Scored {
     pub probs: Vec<f32>,
     /// Scores against the resized truth mask.
     pub scores: ImageScores,
+    /// The resized binary truth (0/1).
+    pub truth: Vec<u8>,
 }
 
 /// Runs one sample: decode, preprocess with the manifest's recipe, infer, score against the
@@ -38,6 +42,7 @@ pub fn score_sample(seg: &Segmenter, sample: &Sample, threshold: f32) -> Result<
         name: sample.name.clone(),
         probs,
         scores,
+        truth,
     })
 }
 
@@ -55,4 +60,30 @@ pub fn evaluate(
         progress(&scored);
     }
     Ok(acc.finish())
+}
+
+/// Mask and frame metrics of a set through the daemon's path: mask metrics at the manifest's
+/// threshold over the polyp images, frame metrics under `detect`. `progress` gets each image
+/// and its outcome.
+pub fn evaluate_frames(
+    seg: &Segmenter,
+    samples: &[Sample],
+    detect: &DetectConfig,
+    mut progress: impl FnMut(&Scored, &FrameOutcome),
+) -> Result<Evaluation, EvalError> {
+    let m = seg.manifest();
+    let size = (m.preprocess.width, m.preprocess.height);
+    let mut ev = Evaluation::default();
+    for s in samples {
+        let scored = score_sample(seg, s, m.output.threshold)?;
+        let o = ev.push(
+            &scored.probs,
+            size,
+            &scored.truth,
+            m.output.threshold,
+            detect,
+        );
+        progress(&scored, &o);
+    }
+    Ok(ev)
 }

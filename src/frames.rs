@@ -350,7 +350,7 @@ impl EvalReport {
             |v: Option<f64>, w: usize| v.map_or(format!("{:>w$}", "-"), |v| format!("{v:>w$.4}"));
         let c = &self.frames;
         format!(
-            "{set:<14} {:>5}  {:>4}  {:>9}  {}  |  {:>5}  {:>4}  {}  {}  |  {}",
+            "{set:<23} {:>5}  {:>4}  {:>9}  {}  |  {:>5}  {:>4}  {}  {}  |  {}",
             c.polyp_frames,
             c.hits,
             c.misplaced,

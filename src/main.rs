@@ -5,7 +5,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use polypwatch::config::Config;
 use polypwatch::dataset::Dataset;
-use polypwatch::detect::{DetectConfig, Detector};
+use polypwatch::detect::{DetectOverrides, Detector};
+use polypwatch::frames::{self, EvalReport};
 use polypwatch::metrics::SetScores;
 use polypwatch::model::Segmenter;
 use polypwatch::service::{self, Control};
@@ -239,7 +240,10 @@ fn infer(model: &Path, out: &Path, images: &[PathBuf]) -> Result<()> {
     let seg = load_model(model)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let r = &seg.manifest().preprocess;
-    let det = Detector::new(DetectConfig::default(), seg.manifest().output.threshold);
+    let det = Detector::new(
+        seg.manifest().detect_config(),
+        seg.manifest().output.threshold,
+    );
     let mut failed = 0;
     for path in images {
         let t = std::time::Instant::now();
@@ -304,18 +308,44 @@ fn eval(
     pb.set_style(ProgressStyle::with_template(
         "eval [{bar:30}] {pos}/{len} {msg} eta {eta}",
     )?);
-    let scores = evaluate::evaluate(&seg, &ds.samples, |s| {
+    let detect = seg.manifest().detect_config();
+    let ev = evaluate::evaluate_frames(&seg, &ds.samples, &detect, |s, _| {
         pb.set_message(s.name.clone());
         pb.inc(1);
     })?;
     pb.finish_and_clear();
+    let report = ev.finish();
     let set = split
         .and_then(|s| s.file_stem())
         .map_or("all".into(), |s| s.to_string_lossy().into_owned());
-    println!("{}", SetScores::TABLE_HEADER);
-    println!("{}", scores.table_row(&set));
+    if report.masks.images > 0 {
+        println!("{}", SetScores::TABLE_HEADER);
+        println!("{}", report.masks.table_row(&set));
+    } else {
+        println!("{set}: no polyp image (all masks empty): mask metrics do not apply");
+    }
+    println!(
+        "frames at pixel_threshold {} min_area {} alert_score {}:",
+        detect
+            .pixel_threshold
+            .unwrap_or(seg.manifest().output.threshold),
+        detect.min_area,
+        detect.alert_score
+    );
+    println!("{}", EvalReport::FRAME_HEADER);
+    println!("{}", report.frame_row(&set));
     if let Some(j) = json {
-        std::fs::write(j, serde_json::to_string_pretty(&scores)?)
+        let (polyp, free) = ev.scores();
+        let mut v = serde_json::to_value(report.masks)?;
+        v["polyp_images"] = report.masks.images.into();
+        v["frames"] = serde_json::to_value(report.frames)?;
+        v["sensitivity"] = serde_json::to_value(report.sensitivity)?;
+        v["specificity"] = serde_json::to_value(report.specificity)?;
+        v["false_positives_per_1000"] = serde_json::to_value(report.false_positives_per_1000)?;
+        v["auroc"] = serde_json::to_value(report.auroc)?;
+        v["detect"] = serde_json::to_value(&detect)?;
+        v["roc"] = serde_json::to_value(frames::roc_curve(polyp, free))?;
+        std::fs::write(j, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", j.display()))?;
     }
     Ok(())
@@ -403,13 +433,13 @@ fn bench_cmd(
 }
 
 fn check(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
-    let manifest = match (&config, model) {
+    let (manifest, overrides) = match (&config, model) {
         (Some(c), None) => {
             let cfg = Config::load(c)?;
             println!("config {}: ok", c.display());
-            cfg.model.manifest
+            (cfg.model.manifest, cfg.detect)
         }
-        (None, Some(m)) => m,
+        (None, Some(m)) => (m, DetectOverrides::default()),
         _ => bail!("give exactly one of --config FILE or --model MANIFEST"),
     };
     let seg = load_model(&manifest)?;
@@ -425,6 +455,20 @@ fn check(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
         m.preprocess.height,
         m.output.threshold
     );
+    let resolved = overrides
+        .resolve(m.detect.as_ref(), m.output.threshold)
+        .map_err(|e| anyhow::anyhow!("{e}; change [detect] in the config"))?;
+    match &m.detect {
+        Some(p) => println!(
+            "operating point of the model: validation frame sensitivity {:.4}, specificity {:.4} ({} polyp, {} polyp-free frames)",
+            p.val_sensitivity, p.val_specificity, p.val_polyp_frames, p.val_free_frames
+        ),
+        None => println!("the model has no operating point ([detect] in its manifest)"),
+    }
+    println!("effective [detect]:");
+    for (key, value, origin) in resolved.origins {
+        println!("  {key:<16} = {value:<8} ({origin})");
+    }
     Ok(())
 }
 

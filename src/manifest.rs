@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::detect::DetectConfig;
+use crate::frames::OperatingPoint;
 use crate::metrics::SetScores;
 use crate::preprocess::Recipe;
 
@@ -175,6 +177,10 @@ pub struct Manifest {
     /// Self-test frame for field updates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selftest: Option<SelfTest>,
+    /// The operating point chosen on validation data (`[detect]`): the daemon's detect
+    /// settings unless its config overrides a key. Absent in manifests before 0.3.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect: Option<OperatingPoint>,
     /// Measured metrics per set (`train`, `validation`, `test`), if evaluated.
     #[serde(default)]
     pub metrics: BTreeMap<String, SetScores>,
@@ -292,6 +298,11 @@ impl Manifest {
                 self.model.precision
             )));
         }
+        if let Some(p) = &self.detect {
+            p.detect_config(&DetectConfig::default())
+                .validate()
+                .map_err(bad)?;
+        }
         let mut files = vec![("[model] onnx", &self.model.onnx)];
         if let Some(t) = &self.selftest {
             files.push(("[selftest] image", &t.image));
@@ -312,6 +323,16 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The detect settings this model brings: its operating point, else the built-in defaults
+    /// with its `[output] threshold`.
+    pub fn detect_config(&self) -> DetectConfig {
+        crate::detect::DetectOverrides::default()
+            .resolve(self.detect.as_ref(), self.output.threshold)
+            .map(|r| r.cfg)
+            // validate() checked the point; the defaults fit any valid point.
+            .unwrap_or_default()
     }
 
     /// The ONNX file this manifest describes, next to the manifest at `manifest_path`.
@@ -388,6 +409,7 @@ mod tests {
             },
             provenance: Provenance::default(),
             selftest: None,
+            detect: None,
             metrics: BTreeMap::new(),
         }
     }

@@ -192,13 +192,13 @@ impl Accumulator {
 
 impl SetScores {
     /// Header of [`SetScores::table_row`].
-    pub const TABLE_HEADER: &'static str = "set          images  dice_loss  mean_iou  |  jaccard    dice  accuracy  |  precision  recall      f2";
+    pub const TABLE_HEADER: &'static str = "set                     images  dice_loss  mean_iou  |  jaccard    dice  accuracy  |  precision  recall      f2";
 
     /// One row of the study's Table 2 (Dice loss, mean IoU) and Table 3 (Jaccard, Dice,
     /// accuracy) columns, followed by precision, recall and F2.
     pub fn table_row(&self, set: &str) -> String {
         format!(
-            "{set:<12} {:>6}  {:>9.4}  {:>8.4}  |  {:>7.4}  {:>6.4}  {:>8.4}  |  {:>9.4}  {:>6.4}  {:>6.4}",
+            "{set:<23} {:>6}  {:>9.4}  {:>8.4}  |  {:>7.4}  {:>6.4}  {:>8.4}  |  {:>9.4}  {:>6.4}  {:>6.4}",
             self.images,
             self.dice_loss,
             self.mean_iou,

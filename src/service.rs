@@ -37,6 +37,14 @@ pub enum ServiceError {
     /// The model store cannot be used, or its current model fails verification on reload.
     #[error(transparent)]
     Store(#[from] InstallError),
+    /// The config's `[detect]` and the model's operating point do not fit together.
+    #[error("detect settings for model {model}: {message}; change [detect] in the config")]
+    Detect {
+        /// The model.
+        model: String,
+        /// What does not fit.
+        message: String,
+    },
 }
 
 /// Flags set by signal handlers and read by the loop.
@@ -219,7 +227,15 @@ fn load_model(cfg: &Config, strict: bool) -> Result<Segmenter, ServiceError> {
 impl Engine {
     fn new(cfg: Config, strict: bool) -> Result<Self, ServiceError> {
         let seg = load_model(&cfg, strict)?;
-        let detector = Detector::new(cfg.detect.clone(), seg.manifest().output.threshold);
+        let m = seg.manifest();
+        let detect = cfg
+            .detect
+            .resolve(m.detect.as_ref(), m.output.threshold)
+            .map_err(|message| ServiceError::Detect {
+                model: format!("{} {}", m.model.name, m.model.version),
+                message,
+            })?;
+        let detector = Detector::new(detect.cfg, m.output.threshold);
         let events = EventStream::open(&cfg.events);
         let snapshots = cfg
             .snapshots

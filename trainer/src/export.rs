@@ -18,8 +18,11 @@ use tract_onnx::prelude::tvec;
 
 use crate::data::{self, Set};
 use crate::eval::{run_config, weights_path};
+use crate::operating;
 use crate::quant;
 use crate::train::{self, RunDir, THRESHOLD};
+use polypwatch::detect::DetectConfig;
+use polypwatch::frames::{self, EvalReport, OperatingPoint};
 
 /// Largest accepted |logit difference| between Burn and tract.
 pub const MAX_LOGIT_DIFF: f32 = 1e-3;
@@ -62,6 +65,21 @@ pub struct ExportReport {
     pub int8_mask_iou_vs_f32: Option<f64>,
     /// Median tract latency (ms, one thread) of f32 and int8 on validation frames.
     pub latency_ms: (f64, Option<f64>),
+    /// Operating point and frame-level figures per precision.
+    pub frames: Vec<FrameFigures>,
+}
+
+/// One precision's operating point and its figures on every validation and test set.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FrameFigures {
+    /// `f32` or `int8`.
+    pub precision: String,
+    /// The operating point written into the manifest.
+    pub point: OperatingPoint,
+    /// `(set, report)` for every source's validation and test frames.
+    pub sets: Vec<(String, EvalReport)>,
+    /// ROC curve and AUROC of the frame score over all test sets together.
+    pub test_roc: (Vec<(f64, f64)>, Option<f64>),
 }
 
 /// What the verification measured.
@@ -208,6 +226,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
                 .join(" ; "),
         },
         selftest: None,
+        detect: None,
         metrics: BTreeMap::new(),
     };
 
@@ -264,6 +283,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         verification: v,
         int8_mask_iou_vs_f32: None,
         latency_ms: (median_latency(&seg_f32, &inputs)?, None),
+        frames: Vec::new(),
     };
     let mut int8 = None;
     if opts.int8 {
@@ -321,6 +341,49 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
                 report.int8_mask_iou_vs_f32 = Some(agree / samples.len().max(1) as f64);
             }
         }
+    }
+    // The operating point of each precision, chosen on every source's validation frames, and
+    // the frame-level figures of every set at it.
+    let val_sets = operating::frame_sets(&run.0, &cfg, Set::Val, &recipe, true)?;
+    let test_sets = operating::frame_sets(&run.0, &cfg, Set::Test, &recipe, true)?;
+    let mut models: Vec<(&mut Manifest, &Segmenter)> = vec![(&mut manifest, &seg_f32)];
+    if let Some((m, _, seg)) = &mut int8 {
+        models.push((m, &*seg));
+    }
+    for (m, seg) in models {
+        let val_probs = operating::probabilities(seg, &val_sets)?;
+        let point = operating::choose(&val_sets, &val_probs, &recipe)?;
+        let detect = point.detect_config(&DetectConfig::default());
+        let test_probs = operating::probabilities(seg, &test_sets)?;
+        let mut evals = operating::evaluate(&val_sets, &val_probs, &recipe, THRESHOLD, &detect);
+        evals.extend(operating::evaluate(
+            &test_sets,
+            &test_probs,
+            &recipe,
+            THRESHOLD,
+            &detect,
+        ));
+        for (name, ev) in &evals {
+            let r = ev.finish();
+            if r.masks.images > 0 && name != "data validation" && name != "data test" {
+                m.metrics.insert(name.clone(), r.masks);
+            }
+        }
+        m.detect = Some(point);
+        report.frames.push(FrameFigures {
+            precision: m.model.precision.clone(),
+            point: m.detect.clone().expect("just set"),
+            sets: evals.iter().map(|(n, e)| (n.clone(), e.finish())).collect(),
+            test_roc: {
+                let test: Vec<_> = evals
+                    .iter()
+                    .filter(|(n, _)| n.ends_with(" test"))
+                    .cloned()
+                    .collect();
+                let (p, f) = operating::pooled_scores(&test);
+                (frames::roc_curve(&p, &f), frames::auroc(&p, &f))
+            },
+        });
     }
     manifest.save(&f32_manifest)?;
     // The self-test frame a device runs before it accepts this model as a field update.

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod export;
 pub mod model;
 pub mod onnx;
+pub mod operating;
 pub mod plot;
 pub mod quant;
 pub mod train;

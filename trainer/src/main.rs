@@ -190,6 +190,7 @@ fn main() -> Result<()> {
             no_int8,
             calib_images,
         } => {
+            let name_prefix = name.clone();
             let r = export::export(&ExportOptions {
                 run,
                 weights,
@@ -214,6 +215,47 @@ fn main() -> Result<()> {
                     m.display(),
                     r.latency_ms.0 / ms
                 );
+            }
+            for f in &r.frames {
+                let p = &f.point;
+                println!(
+                    "\n{} operating point (validation): pixel_threshold {} alert_score {} min_area {}: frame sensitivity {:.4}, specificity {:.4} ({} polyp, {} polyp-free frames)",
+                    f.precision,
+                    p.pixel_threshold,
+                    p.alert_score,
+                    p.min_area,
+                    p.val_sensitivity,
+                    p.val_specificity,
+                    p.val_polyp_frames,
+                    p.val_free_frames
+                );
+                println!("{}", polypwatch::metrics::SetScores::TABLE_HEADER);
+                for (set, rep) in f.sets.iter().filter(|(_, r)| r.masks.images > 0) {
+                    println!("{}", rep.masks.table_row(set));
+                }
+                println!("{}", polypwatch::frames::EvalReport::FRAME_HEADER);
+                for (set, rep) in &f.sets {
+                    println!("{}", rep.frame_row(set));
+                }
+                if let Some(a) = f.test_roc.1 {
+                    println!("AUROC of the frame score over all test sets: {a:.4}");
+                }
+                let stem = r
+                    .f32_manifest
+                    .with_file_name(format!("{name_prefix}-{}", f.precision))
+                    .display()
+                    .to_string();
+                let json = PathBuf::from(format!("{stem}.frames.json"));
+                std::fs::write(&json, serde_json::to_string_pretty(f)?)
+                    .with_context(|| format!("writing {}", json.display()))?;
+                let png = PathBuf::from(format!("{stem}.roc.png"));
+                polypwatch_train::plot::roc(
+                    &f.test_roc.0,
+                    f.test_roc.1,
+                    &format!("{} test frames (all sources)", f.precision),
+                    &png,
+                )?;
+                println!("wrote {} and {}", json.display(), png.display());
             }
         }
         Command::Keygen { out } => {

@@ -68,3 +68,36 @@ pub fn curves(csv: &Path, png: &Path) -> Result<()> {
     root.present()?;
     Ok(())
 }
+
+/// Draws a ROC curve (false-positive rate against true-positive rate) with its AUROC.
+pub fn roc(points: &[(f64, f64)], auroc: Option<f64>, title: &str, png: &Path) -> Result<()> {
+    register_font();
+    let root = BitMapBackend::new(png, (520, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let caption = match auroc {
+        Some(a) => format!("{title}: AUROC {a:.4}"),
+        None => title.to_string(),
+    };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1.001f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("false-positive rate (polyp-free frames)")
+        .y_desc("true-positive rate (polyp frames)")
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        [(0.0, 0.0), (1.0, 1.0)],
+        RGBColor(180, 180, 180),
+    ))?;
+    chart.draw_series(LineSeries::new(
+        points.iter().copied(),
+        BLUE.stroke_width(2),
+    ))?;
+    root.present()
+        .with_context(|| format!("writing {}", png.display()))?;
+    Ok(())
+}
