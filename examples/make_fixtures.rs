@@ -2,6 +2,11 @@
 //! downscaled, so the test suite runs on real data without the full dataset.
 //!
 //! cargo run --example make_fixtures -- ../shared/datasets/kvasir-seg tests/fixtures/kvasir-mini
+//!
+//! With `--polyp-free`, rebuilds `tests/fixtures/negatives-mini` from the polyp-free frames
+//! (every 37th of the folder, all-zero masks kept as they are):
+//!
+//! cargo run --example make_fixtures -- --polyp-free ../shared/datasets/cpchild-negatives tests/fixtures/negatives-mini
 
 use std::path::PathBuf;
 
@@ -13,8 +18,28 @@ const TRAIN: usize = 10;
 const TEST: usize = 4;
 const MAX_SIDE: u32 = 160;
 
+const FREE: usize = 6;
+
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--polyp-free") {
+        args.next();
+        let usage = "usage: make_fixtures --polyp-free SRC DST";
+        let src = PathBuf::from(args.next().context(usage)?);
+        let dst = PathBuf::from(args.next().context(usage)?);
+        std::fs::create_dir_all(dst.join("images"))?;
+        std::fs::create_dir_all(dst.join("masks"))?;
+        for s in Dataset::open(&src)?.samples.iter().step_by(37).take(FREE) {
+            let (img, mask) = s.load()?;
+            let side = 96;
+            image::imageops::resize(&img, side, side, FilterType::Triangle)
+                .save(dst.join("images").join(format!("{}.jpg", s.name)))?;
+            image::imageops::resize(&mask, side, side, FilterType::Triangle)
+                .save(dst.join("masks").join(format!("{}.png", s.name)))?;
+        }
+        println!("wrote {}", dst.display());
+        return Ok(());
+    }
     let src = PathBuf::from(args.next().context("usage: make_fixtures SRC DST")?);
     let dst = PathBuf::from(args.next().context("usage: make_fixtures SRC DST")?);
     std::fs::create_dir_all(dst.join("images"))?;

@@ -12,9 +12,11 @@
 
 pub mod accel;
 pub mod alert;
+pub mod alert_eval;
 pub mod bench;
 pub mod camera;
 pub mod capture;
+pub mod clip;
 pub mod config;
 pub mod dataset;
 pub mod detect;

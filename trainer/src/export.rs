@@ -74,8 +74,8 @@ pub struct ExportReport {
 pub struct FrameFigures {
     /// `f32` or `int8`.
     pub precision: String,
-    /// The operating point written into the manifest.
-    pub point: OperatingPoint,
+    /// The operating point written into the manifest (none without polyp-free frames).
+    pub point: Option<OperatingPoint>,
     /// `(set, report)` for every source's validation and test frames.
     pub sets: Vec<(String, EvalReport)>,
     /// ROC curve and AUROC of the frame score over all test sets together.
@@ -353,7 +353,16 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     for (m, seg) in models {
         let val_probs = operating::probabilities(seg, &val_sets)?;
         let point = operating::choose(&val_sets, &val_probs, &recipe)?;
-        let detect = point.detect_config(&DetectConfig::default());
+        let detect = match &point {
+            Some(p) => p.detect_config(&DetectConfig::default()),
+            None => {
+                eprintln!(
+                    "{}: no polyp-free validation frames, so no operating point: the manifest gets no [detect] and the daemon uses its defaults",
+                    m.model.precision
+                );
+                m.detect_config()
+            }
+        };
         let test_probs = operating::probabilities(seg, &test_sets)?;
         let mut evals = operating::evaluate(&val_sets, &val_probs, &recipe, THRESHOLD, &detect);
         evals.extend(operating::evaluate(
@@ -369,10 +378,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
                 m.metrics.insert(name.clone(), r.masks);
             }
         }
-        m.detect = Some(point);
+        m.detect = point;
         report.frames.push(FrameFigures {
             precision: m.model.precision.clone(),
-            point: m.detect.clone().expect("just set"),
+            point: m.detect.clone(),
             sets: evals.iter().map(|(n, e)| (n.clone(), e.finish())).collect(),
             test_roc: {
                 let test: Vec<_> = evals

@@ -217,18 +217,23 @@ fn main() -> Result<()> {
                 );
             }
             for f in &r.frames {
-                let p = &f.point;
-                println!(
-                    "\n{} operating point (validation): pixel_threshold {} alert_score {} min_area {}: frame sensitivity {:.4}, specificity {:.4} ({} polyp, {} polyp-free frames)",
-                    f.precision,
-                    p.pixel_threshold,
-                    p.alert_score,
-                    p.min_area,
-                    p.val_sensitivity,
-                    p.val_specificity,
-                    p.val_polyp_frames,
-                    p.val_free_frames
-                );
+                match &f.point {
+                    Some(p) => println!(
+                        "\n{} operating point (validation): pixel_threshold {} alert_score {} min_area {}: frame sensitivity {:.4}, specificity {:.4} ({} polyp, {} polyp-free frames)",
+                        f.precision,
+                        p.pixel_threshold,
+                        p.alert_score,
+                        p.min_area,
+                        p.val_sensitivity,
+                        p.val_specificity,
+                        p.val_polyp_frames,
+                        p.val_free_frames
+                    ),
+                    None => println!(
+                        "\n{}: no operating point (no polyp-free frames)",
+                        f.precision
+                    ),
+                }
                 println!("{}", polypwatch::metrics::SetScores::TABLE_HEADER);
                 for (set, rep) in f.sets.iter().filter(|(_, r)| r.masks.images > 0) {
                     println!("{}", rep.masks.table_row(set));

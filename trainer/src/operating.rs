@@ -69,12 +69,21 @@ pub fn probabilities(seg: &Segmenter, sets: &[FrameSet]) -> Result<Vec<Vec<Vec<f
 }
 
 /// Chooses the operating point on validation frames (`probs` of `sets`, as from
-/// [`probabilities`]): the highest frame sensitivity at [`TARGET_SPECIFICITY`].
+/// [`probabilities`]): the highest frame sensitivity at [`TARGET_SPECIFICITY`]. `None` when
+/// the sets hold no polyp-free frame (a Kvasir-only run has nothing to measure it on); an
+/// error when no setting reaches the target.
 pub fn choose(
     sets: &[FrameSet],
     probs: &[Vec<Vec<f32>>],
     recipe: &Recipe,
-) -> Result<OperatingPoint> {
+) -> Result<Option<OperatingPoint>> {
+    let free = sets
+        .iter()
+        .flat_map(|s| &s.items)
+        .any(|i| i.mask.iter().all(|&m| m == 0));
+    if !free {
+        return Ok(None);
+    }
     let grid = Grid::default();
     let frames: Vec<Vec<FrameRegions>> = grid
         .pixel_thresholds
@@ -89,11 +98,13 @@ pub fn choose(
                 .collect()
         })
         .collect();
-    frames::choose_operating_point(&frames, &grid, TARGET_SPECIFICITY).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no detect setting of the grid reaches frame specificity {TARGET_SPECIFICITY} on the validation polyp-free frames"
-        )
-    })
+    frames::choose_operating_point(&frames, &grid, TARGET_SPECIFICITY)
+        .map(Some)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no detect setting of the grid reaches frame specificity {TARGET_SPECIFICITY} on the validation polyp-free frames: the model is not fit to ship"
+            )
+        })
 }
 
 /// Mask and frame metrics of each set at `detect` (masks at the manifest's `threshold`).

@@ -178,3 +178,108 @@ fn train_resume_export_round_trip() {
     let err = Segmenter::load(&manifest).unwrap_err().to_string();
     assert!(err.contains("sha256"), "{err}");
 }
+
+/// Two sources of real frames: the Kvasir fixtures (with polyp-free crops) and real polyp-free
+/// colonoscopy frames (tests/fixtures/negatives-mini), a quarter of each batch polyp-free.
+fn multi_config(dir: &Path) -> PathBuf {
+    let tiny = std::fs::read_to_string(tiny_config(dir)).unwrap();
+    let model_on = &tiny[tiny.find("[model]").unwrap()..];
+    let text = format!(
+        r#"
+[data]
+seed = 7
+negative_share = 0.25
+
+[[data.sources]]
+name = "kvasir"
+root = "{}"
+train_split = "splits/train.txt"
+test_split = "splits/test.txt"
+val_fraction = 0.2
+free_crops = true
+
+[[data.sources]]
+name = "free"
+root = "{}"
+val_fraction = 0.34
+test_fraction = 0.34
+polyp_free = true
+
+{model_on}"#,
+        fixtures().display(),
+        fixtures().with_file_name("negatives-mini").display()
+    );
+    let p = dir.join("multi.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn multi_source_run_exports_its_operating_point() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = multi_config(dir.path());
+    let run = dir.path().join("run");
+    let mut o = opts(&config, &run, None, false);
+    o.epochs = Some(1);
+    let s = train(&o).unwrap();
+    assert_eq!(s.epochs_done, 1);
+    // Every source's carve-outs are written into the run folder, disjoint.
+    let names = |f: &str| -> Vec<String> {
+        std::fs::read_to_string(run.join(f))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    let (train_f, val_f, test_f) = (
+        names("free.train.txt"),
+        names("free.validation.txt"),
+        names("free.test.txt"),
+    );
+    assert_eq!((train_f.len(), val_f.len(), test_f.len()), (2, 2, 2));
+    assert!(val_f.iter().chain(&test_f).all(|n| !train_f.contains(n)));
+    assert_eq!(names("kvasir.test.txt").len(), 4);
+    // metrics.csv has the polyp-free specificity column filled.
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert!(row[7].parse::<f64>().is_ok(), "{csv}");
+
+    let report = export(&ExportOptions {
+        run: run.clone(),
+        weights: "best".into(),
+        out: dir.path().join("models"),
+        name: "multi".into(),
+        version: "0.0.1".into(),
+        data: None,
+        verify_images: 2,
+        int8: false,
+        calib_images: 4,
+    })
+    .unwrap();
+    let seg = Segmenter::load(&report.f32_manifest).unwrap();
+    let point = seg.manifest().detect.clone().expect("an operating point");
+    assert!(point.val_specificity >= 0.99, "{point:?}");
+    assert!(point.val_free_frames >= 2);
+    // The daemon's detect settings are the point's.
+    let d = seg.manifest().detect_config();
+    assert_eq!(d.pixel_threshold, Some(point.pixel_threshold));
+    assert_eq!(
+        (d.alert_score, d.min_area),
+        (point.alert_score, point.min_area)
+    );
+    // Figures for every source's sets, polyp-free crops included.
+    let sets: Vec<&str> = report.frames[0]
+        .sets
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    for s in [
+        "kvasir test",
+        "kvasir-free test",
+        "free test",
+        "free validation",
+    ] {
+        assert!(sets.contains(&s), "{sets:?}");
+    }
+}
