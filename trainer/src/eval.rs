@@ -6,12 +6,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
+use polypwatch::detect::DetectConfig;
+use polypwatch::frames::{EvalReport, Evaluation};
 use polypwatch::metrics::SetScores;
+use polypwatch::model::sigmoid;
 use polypwatch::preprocess::Recipe;
 
 use crate::config::TrainConfig;
-use crate::data::{self, Set};
-use crate::train::{self, Backend, RunDir};
+use crate::data::Set;
+use crate::operating;
+use crate::train::{self, Backend, RunDir, THRESHOLD};
 
 /// Loads a run's configuration, with an optional data-root override.
 pub fn run_config(run: &RunDir, data: Option<&Path>) -> Result<TrainConfig> {
@@ -32,41 +36,50 @@ pub fn weights_path(run: &RunDir, weights: &str) -> PathBuf {
     }
 }
 
-/// Evaluates the run's model on its train, validation and test sets.
+/// Evaluates the run's model on every source's train, validation and test sets (and the
+/// polyp-free crops of `free_crops` sources): mask metrics over the polyp images, frame
+/// metrics under the daemon's default detect settings (an exported model's own operating
+/// point is measured by `export`).
 pub fn eval(
     run: &RunDir,
     weights: &str,
     data: Option<&Path>,
     backend: Backend,
     quiet: bool,
-) -> Result<BTreeMap<String, SetScores>> {
+) -> Result<BTreeMap<String, EvalReport>> {
     let cfg = run_config(run, data)?;
     let device: Device = backend.device()?;
     let model = train::load_model(&cfg, &weights_path(run, weights), &device)?;
     let recipe = Recipe::square(cfg.train.input_size);
-    let single = cfg.data.single();
+    let detect = DetectConfig::default();
     let mut out = BTreeMap::new();
-    for source in cfg.data.sources() {
-        for set in [Set::Train, Set::Val, Set::Test] {
-            let samples = data::open_run_split(&run.0, &cfg, &source, set)?;
-            if samples.is_empty() {
-                continue;
+    for set in [Set::Train, Set::Val, Set::Test] {
+        for fs in operating::frame_sets(&run.0, &cfg, set, &recipe, quiet)? {
+            let mut ev = Evaluation::default();
+            let logits = train::predict_logits(&model, &fs.items, &recipe, &device);
+            for (l, item) in logits.iter().zip(&fs.items) {
+                let p: Vec<f32> = l.iter().map(|&v| sigmoid(v)).collect();
+                ev.push(
+                    &p,
+                    (recipe.width, recipe.height),
+                    &item.mask,
+                    THRESHOLD,
+                    &detect,
+                );
             }
-            let name = if single {
-                set.as_str().to_string()
-            } else {
-                format!("{} {}", source.name, set.as_str())
-            };
-            let items = train::load_with_bar(&name, &samples, &recipe, quiet)?;
-            out.insert(name, train::evaluate(&model, &items, &recipe, &device));
+            // The single-source runs of 0.2.0 keep their set names.
+            let name = fs
+                .name
+                .strip_prefix("data ")
+                .unwrap_or(&fs.name)
+                .to_string();
+            out.insert(name, ev.finish());
         }
     }
     Ok(out)
 }
 
-/// Prints the table: set order train, validation, test, per source.
-pub fn print_table(scores: &BTreeMap<String, SetScores>) {
-    println!("{}", SetScores::TABLE_HEADER);
+fn ranked(scores: &BTreeMap<String, EvalReport>) -> Vec<&String> {
     let rank = |k: &str| {
         let set = k.rsplit(' ').next().unwrap_or(k);
         let source = k.strip_suffix(set).unwrap_or("").to_string();
@@ -77,7 +90,21 @@ pub fn print_table(scores: &BTreeMap<String, SetScores>) {
     };
     let mut keys: Vec<&String> = scores.keys().collect();
     keys.sort_by_key(|k| rank(k));
-    for k in keys {
-        println!("{}", scores[k].table_row(k));
+    keys
+}
+
+/// Prints the mask table (sets with polyp images), then the frame table; per source, set
+/// order train, validation, test.
+pub fn print_table(scores: &BTreeMap<String, EvalReport>) {
+    println!("{}", SetScores::TABLE_HEADER);
+    for k in ranked(scores) {
+        if scores[k].masks.images > 0 {
+            println!("{}", scores[k].masks.table_row(k));
+        }
+    }
+    println!("\nframes at the default detect settings:");
+    println!("{}", EvalReport::FRAME_HEADER);
+    for k in ranked(scores) {
+        println!("{}", scores[k].frame_row(k));
     }
 }

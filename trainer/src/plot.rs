@@ -19,7 +19,8 @@ fn register_font() {
     });
 }
 
-/// Reads `metrics.csv` and draws loss (left) and validation Dice/IoU (right).
+/// Reads `metrics.csv` and draws loss (left) and validation Dice/IoU, and the polyp-free
+/// frame specificity where measured (right).
 pub fn curves(csv: &Path, png: &Path) -> Result<()> {
     register_font();
     let text =
@@ -27,7 +28,18 @@ pub fn curves(csv: &Path, png: &Path) -> Result<()> {
     let rows: Vec<Vec<f64>> = text
         .lines()
         .skip(1)
-        .filter_map(|l| l.split(',').map(|v| v.parse().ok()).collect())
+        // An empty field (no polyp-free source: no specificity) reads as NaN.
+        .filter_map(|l| {
+            l.split(',')
+                .map(|v| {
+                    if v.is_empty() {
+                        Some(f64::NAN)
+                    } else {
+                        v.parse().ok()
+                    }
+                })
+                .collect()
+        })
         .collect();
     if rows.is_empty() {
         return Ok(());
@@ -61,6 +73,16 @@ pub fn curves(csv: &Path, png: &Path) -> Result<()> {
     c.draw_series(LineSeries::new(series(3), &GREEN))?
         .label("mean IoU")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+    let spec: Vec<(f64, f64)> = rows
+        .iter()
+        .filter(|r| r.len() > 7 && r[7].is_finite())
+        .map(|r| (r[0], r[7]))
+        .collect();
+    if !spec.is_empty() {
+        c.draw_series(LineSeries::new(spec, &MAGENTA))?
+            .label("frame specificity (polyp-free)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA));
+    }
     c.configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
         .border_style(BLACK)
