@@ -255,6 +255,8 @@ fn run(config: Option<PathBuf>) -> Result<()> {
         summary.alerts,
         summary.timing
     );
+    // The logger writes on its own thread: give it the last lines.
+    log::logger().flush();
     Ok(())
 }
 
@@ -380,7 +382,7 @@ fn eval_alerts(
     json: Option<&Path>,
     clips: &[PathBuf],
 ) -> Result<()> {
-    if !(fps.is_finite() && fps >= 1.0 && fps <= 1000.0) {
+    if !(1.0..=1000.0).contains(&fps) {
         bail!("--fps {fps} must be in [1, 1000]");
     }
     let seg = load_model(model)?;

@@ -13,6 +13,108 @@ use crate::config::{EventsSection, Journald};
 /// The journal's socket; its presence means journald is there to log to.
 pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
+/// Lines an output's queue holds before new ones are dropped (counted).
+pub const QUEUE_LINES: usize = 4096;
+
+enum Msg {
+    Line(Vec<u8>),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// A writer on its own thread behind a bounded queue: the frame loop never waits on an
+/// output (a stdout pipe nobody reads, a full stderr, a FIFO). When the queue is full, new
+/// lines are dropped and counted; once the output takes lines again, one line says how many
+/// were lost. Alert events are among what can be lost this way, on that output only: the GPIO
+/// line, the journal and the other outputs have their own paths.
+pub struct AsyncWriter {
+    tx: std::sync::mpsc::SyncSender<Msg>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl AsyncWriter {
+    /// Starts the thread writing to `out`; `what` names the output in messages, `on_error`
+    /// hears each write error (the line is lost).
+    pub fn spawn(
+        what: String,
+        mut out: Box<dyn Write + Send>,
+        on_error: impl Fn(&str, &std::io::Error) + Send + 'static,
+        on_drops: impl Fn(&str, u64) -> Option<Vec<u8>> + Send + 'static,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(QUEUE_LINES);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lost = dropped.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("out {what}"))
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        Msg::Line(bytes) => {
+                            if let Err(e) = out.write_all(&bytes).and_then(|_| out.flush()) {
+                                on_error(&what, &e);
+                            }
+                            let n = lost.swap(0, Ordering::Relaxed);
+                            if n > 0
+                                && let Some(line) = on_drops(&what, n)
+                            {
+                                let _ = out.write_all(&line).and_then(|_| out.flush());
+                            }
+                        }
+                        Msg::Flush(ack) => {
+                            let _ = out.flush();
+                            let _ = ack.send(());
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without a thread the queue fills and every line is counted as dropped.
+            eprintln!("polypwatch: cannot start the output thread: {e}");
+        }
+        AsyncWriter { tx, dropped }
+    }
+
+    /// Queues a line; `false` (and counted) when the queue is full or the thread is gone.
+    pub fn write(&self, bytes: Vec<u8>) -> bool {
+        let ok = self.tx.try_send(Msg::Line(bytes)).is_ok();
+        if !ok {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Lines dropped since the output last took one.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits at most `timeout` for the queued lines to be written; `false` if they were not.
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let (ack, done) = std::sync::mpsc::channel();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut msg = Msg::Flush(ack);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return false,
+            }
+        }
+        done.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
+    }
+}
+
+/// How long shutdown waits for each output to take its last lines.
+pub const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Installs the global logger: journald (structured fields) or stderr.
 pub fn init_logging(cfg: &EventsSection) -> &'static str {
     let level = match cfg.level.as_str() {
@@ -30,18 +132,30 @@ pub fn init_logging(cfg: &EventsSection) -> &'static str {
     };
     if want_journal
         && let Ok(j) = systemd_journal_logger::JournalLog::new()
-        && j.with_syslog_identifier("polypwatch".into())
-            .install()
-            .is_ok()
+        && log::set_boxed_logger(Box::new(QueuedJournal::spawn(
+            j.with_syslog_identifier("polypwatch".into()),
+        )))
+        .is_ok()
     {
         return "journald";
     }
-    let _ = log::set_boxed_logger(Box::new(StderrLog));
+    let _ = log::set_boxed_logger(Box::new(StderrLog(AsyncWriter::spawn(
+        "stderr".into(),
+        Box::new(std::io::stderr()),
+        |_, _| {},
+        |_, n| {
+            Some(
+                format!("polypwatch WARN  {n} log lines dropped: stderr was not read\n")
+                    .into_bytes(),
+            )
+        },
+    ))));
     "stderr"
 }
 
-/// Logs `LEVEL message KEY=value ...` lines to stderr when there is no journal.
-struct StderrLog;
+/// Logs `LEVEL message KEY=value ...` lines to stderr when there is no journal, through an
+/// [`AsyncWriter`], so a full stderr never stops the frame loop.
+struct StderrLog(AsyncWriter);
 
 struct KvLine<'a>(&'a mut String);
 
@@ -67,9 +181,122 @@ impl log::Log for StderrLog {
         let mut line = format!("polypwatch {:<5} {}", r.level(), r.args());
         let _ = r.key_values().visit(&mut KvLine(&mut line));
         line.push('\n');
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        self.0.write(line.into_bytes());
     }
-    fn flush(&self) {}
+    fn flush(&self) {
+        self.0.flush(FLUSH_TIMEOUT);
+    }
+}
+
+/// A log record with its fields owned, to cross to the journal thread.
+struct OwnedRecord {
+    level: log::Level,
+    target: String,
+    message: String,
+    fields: Vec<(String, String)>,
+}
+
+struct KvOwned<'a>(&'a mut Vec<(String, String)>);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for KvOwned<'_> {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        self.0.push((key.to_string(), value.to_string()));
+        Ok(())
+    }
+}
+
+/// The journal logger on its own thread behind a bounded queue: a slow journal socket never
+/// stops the frame loop. A full queue drops records (counted, reported once it drains).
+struct QueuedJournal {
+    tx: std::sync::mpsc::SyncSender<Option<OwnedRecord>>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    flushed: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl QueuedJournal {
+    fn spawn(journal: systemd_journal_logger::JournalLog) -> Self {
+        use log::Log;
+        use std::sync::atomic::Ordering;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Option<OwnedRecord>>(QUEUE_LINES);
+        let (ack, flushed) = std::sync::mpsc::channel();
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lost = dropped.clone();
+        let send = move |r: &OwnedRecord| {
+            let fields: &[(String, String)] = &r.fields;
+            journal.log(
+                &log::Record::builder()
+                    .level(r.level)
+                    .target(&r.target)
+                    .args(format_args!("{}", r.message))
+                    .key_values(&fields)
+                    .build(),
+            );
+        };
+        let _ = std::thread::Builder::new()
+            .name("out journal".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        Some(r) => {
+                            send(&r);
+                            let n = lost.swap(0, Ordering::Relaxed);
+                            if n > 0 {
+                                send(&OwnedRecord {
+                                    level: log::Level::Warn,
+                                    target: "polypwatch".into(),
+                                    message: format!(
+                                        "{n} log records dropped: the journal was not taking them"
+                                    ),
+                                    fields: Vec::new(),
+                                });
+                            }
+                        }
+                        None => {
+                            let _ = ack.send(());
+                        }
+                    }
+                }
+            });
+        QueuedJournal {
+            tx,
+            dropped,
+            flushed: std::sync::Mutex::new(flushed),
+        }
+    }
+}
+
+impl log::Log for QueuedJournal {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let mut fields = Vec::new();
+        let _ = r.key_values().visit(&mut KvOwned(&mut fields));
+        let owned = OwnedRecord {
+            level: r.level(),
+            target: r.target().to_string(),
+            message: r.args().to_string(),
+            fields,
+        };
+        if self.tx.try_send(Some(owned)).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    fn flush(&self) {
+        if self.tx.try_send(None).is_ok()
+            && let Ok(rx) = self.flushed.lock()
+        {
+            let _ = rx.recv_timeout(FLUSH_TIMEOUT);
+        }
+    }
 }
 
 /// A JSON-lines event (one object per line, `event` names its kind).
@@ -162,68 +389,81 @@ pub enum Event {
     },
 }
 
-/// JSON-lines writers (stdout and/or a file).
+/// JSON-lines writers (stdout and/or a file), each an [`AsyncWriter`]: emitting never waits
+/// on a reader.
 pub struct EventStream {
-    stdout: bool,
-    file: Option<(PathBuf, std::fs::File)>,
-    file_failed: bool,
+    outputs: Vec<AsyncWriter>,
+}
+
+fn event_drops(what: &str, n: u64) -> Option<Vec<u8>> {
+    log::warn!(
+        "{n} events dropped on {what}: it was not taking them (alerts went on through the other sinks)"
+    );
+    None
 }
 
 impl EventStream {
     /// Opens the configured event outputs; a file that cannot be opened is logged and skipped.
+    /// The file is opened without blocking (a FIFO nobody reads does not hang the open).
     pub fn open(cfg: &EventsSection) -> Self {
-        let file = cfg.file.as_ref().and_then(|p| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut outputs = Vec::new();
+        if cfg.stdout {
+            outputs.push(AsyncWriter::spawn(
+                "stdout".into(),
+                Box::new(std::io::stdout()),
+                |_, _| {},
+                event_drops,
+            ));
+        }
+        if let Some(p) = &cfg.file {
             match std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(p)
             {
-                Ok(f) => Some((p.clone(), f)),
-                Err(e) => {
-                    log::error!(
-                        "cannot open event file {}: {e}; events go to the other sinks",
-                        p.display()
-                    );
-                    None
+                Ok(f) => {
+                    // Writes may block from here on, on the writer's own thread only.
+                    let failed = std::sync::atomic::AtomicBool::new(false);
+                    outputs.push(AsyncWriter::spawn(
+                        format!("event file {}", p.display()),
+                        Box::new(f),
+                        move |what, e| {
+                            if !failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                log::error!(
+                                    "cannot write {what}: {e}; still alerting through the other sinks"
+                                );
+                            }
+                        },
+                        event_drops,
+                    ))
                 }
+                Err(e) => log::error!(
+                    "cannot open event file {}: {e}; events go to the other sinks",
+                    p.display()
+                ),
             }
-        });
-        EventStream {
-            stdout: cfg.stdout,
-            file,
-            file_failed: false,
         }
+        EventStream { outputs }
     }
 
-    /// Writes one event to every output; failures are logged once per output and skipped.
+    /// Queues one event on every output; never waits.
     pub fn emit(&mut self, ev: &Event) {
         let mut line = serde_json::to_string(ev).expect("events serialise");
         line.push('\n');
-        if self.stdout {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(line.as_bytes()).and_then(|_| out.flush());
-        }
-        if let Some((path, f)) = &mut self.file {
-            match f.write_all(line.as_bytes()) {
-                Ok(()) => self.file_failed = false,
-                Err(e) if !self.file_failed => {
-                    self.file_failed = true;
-                    log::error!(
-                        "cannot write event file {}: {e}; still alerting through the other sinks",
-                        path.display()
-                    );
-                }
-                Err(_) => {}
-            }
+        for o in &self.outputs {
+            o.write(line.clone().into_bytes());
         }
     }
 
-    /// Flushes the file output.
+    /// Waits a short while ([`FLUSH_TIMEOUT`]) for every output to take its queued events.
     pub fn flush(&mut self) {
-        if let Some((_, f)) = &mut self.file {
-            let _ = f.flush();
+        for o in &self.outputs {
+            if !o.flush(FLUSH_TIMEOUT) {
+                log::warn!("an event output did not take its last events before shutdown");
+            }
         }
-        let _ = std::io::stdout().flush();
     }
 }
 

@@ -455,3 +455,102 @@ fn a_missing_camera_is_waited_for_and_sigterm_still_stops() {
     // Several retries in 3 s, one log line.
     assert_eq!(err.matches("no such device").count(), 1, "{err}");
 }
+
+/// Shrinks a pipe to one page, so that a few lines fill it.
+fn shrink_pipe(fd: &impl std::os::fd::AsRawFd) {
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(
+        r >= 4096,
+        "F_SETPIPE_SZ: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// stdout and stderr are pipes nobody reads (as `polypwatch run | sleep 1000`): once they are
+/// full, frames keep flowing, alerts keep reaching the event file, and SIGTERM still stops the
+/// daemon at once.
+#[test]
+fn outputs_nobody_reads_never_stop_the_frame_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let clip = root().join("demo/clip");
+    let cfg = dir.path().join("polypwatch.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[model]
+manifest = "{}"
+
+[source]
+kind = "replay"
+path = "{}"
+fps = 0.0
+loop = true
+
+[events]
+stdout = true
+file = "{}"
+journald = "off"
+level = "debug"
+
+[runtime]
+status_secs = 0.1
+"#,
+            root().join("models/polypwatch-edge-int8.toml").display(),
+            clip.display(),
+            events.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    shrink_pipe(&out);
+    shrink_pipe(&err);
+    let count = |kind: &str| {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("\"event\":\"{kind}\"")))
+            .count()
+    };
+    // Each loop of the clip is one alert (two events, over 400 bytes with the status and
+    // debug lines): 12 alerts are far more than both 4 KiB pipes hold.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count("alert_end") < 12 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} alerts in 60 s with stdout and stderr unread",
+            count("alert_end")
+        );
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "{s:?}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "SIGTERM took over 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count("stopped"), 1);
+    drop((out, err));
+}

@@ -279,14 +279,18 @@ impl Sampler {
     pub fn epoch(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
         let mut pool = Vec::with_capacity(self.draws());
         for (range, w) in &self.groups {
-            let k = (range.len() as f64 * w).round() as usize;
-            for _ in 0..k / range.len().max(1) {
+            let n = range.len();
+            if n == 0 {
+                continue;
+            }
+            let k = (n as f64 * w).round() as usize;
+            for _ in 0..k / n {
                 pool.extend(range.clone());
             }
-            let mut rest: Vec<usize> = range.clone().collect();
-            if k % range.len().max(1) > 0 {
+            if !k.is_multiple_of(n) {
+                let mut rest: Vec<usize> = range.clone().collect();
                 rest.shuffle(rng);
-                pool.extend(&rest[..k % range.len()]);
+                pool.extend(&rest[..k % n]);
             }
         }
         pool.shuffle(rng);
