@@ -336,9 +336,10 @@ impl Config {
                     .map_err(|e| format!("[update] trusted_keys: {e}"))?;
             }
         }
-        if !(self.source.fps >= 0.0 && self.source.fps <= 1000.0) {
+        // A tiny rate would make the replay's frame period overflow a Duration.
+        if !(self.source.fps == 0.0 || (0.1..=1000.0).contains(&self.source.fps)) {
             return Err(format!(
-                "[source] fps = {} must be in 0..=1000",
+                "[source] fps = {} must be 0 (as fast as frames come) or in 0.1..=1000",
                 self.source.fps
             ));
         }
@@ -415,6 +416,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("threads"), "{err}");
+        // Passed before and panicked the capture thread (Duration overflow).
+        for fps in ["1e-300", "0.01", "-1.0", "nan"] {
+            let text = EXAMPLE.replace("fps = 25.0", &format!("fps = {fps}"));
+            let err = Config::parse(&text, Path::new("x.toml"));
+            assert!(
+                err.as_ref().is_err_and(|e| e.to_string().contains("fps")),
+                "{fps}: {err:?}"
+            );
+        }
     }
 
     #[test]
