@@ -139,6 +139,11 @@ pub fn convert(
     dst: &mut RgbImage,
 ) -> Result<(), ConvertError> {
     if format == PixelFormat::Mjpeg {
+        if !crate::preprocess::jpeg_is_complete(src) {
+            return Err(ConvertError::Jpeg(
+                "truncated frame (no end-of-image marker)".into(),
+            ));
+        }
         let img = image::load_from_memory_with_format(src, image::ImageFormat::Jpeg)
             .map_err(|e| ConvertError::Jpeg(e.to_string()))?;
         *dst = img.into_rgb8();
@@ -282,6 +287,19 @@ mod tests {
         assert!(close(dst.get_pixel(2, 1).0, [200, 30, 40]));
         let err = convert(PixelFormat::Mjpeg, b"\xff\xd8garbage", 5, 3, 0, &mut dst);
         assert!(matches!(err, Err(ConvertError::Jpeg(_))));
+        // A USB frame cut short decodes "fine" (the decoder fills the rest): refused.
+        let err = convert(
+            PixelFormat::Mjpeg,
+            &jpg[..jpg.len() - 10],
+            5,
+            3,
+            0,
+            &mut dst,
+        );
+        assert!(
+            matches!(err, Err(ConvertError::Jpeg(ref m)) if m.contains("truncated")),
+            "{err:?}"
+        );
     }
 
     #[test]

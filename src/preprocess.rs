@@ -31,6 +31,13 @@ pub enum PreprocessError {
         /// The decoder's error.
         source: image::ImageError,
     },
+    /// A JPEG whose data stops before its end-of-image marker: the decoder would fill the
+    /// rest and the frame would be scored on invented pixels.
+    #[error("image {what} is a truncated JPEG (no end-of-image marker); skipped")]
+    Truncated {
+        /// The file or buffer.
+        what: String,
+    },
     /// The recipe is unusable (for example a zero size or a zero standard deviation).
     #[error("invalid preprocessing recipe: {0}")]
     Recipe(String),
@@ -251,8 +258,26 @@ pub fn binarize(mask: &GrayImage) -> Vec<u8> {
         .collect()
 }
 
-/// Decodes an image from memory into RGB8, whatever its format and colour type.
+/// Whether bytes that start like a JPEG end with its end-of-image marker (`FF D9`, zero
+/// padding after it allowed, as some cameras send). Inside the entropy-coded data a `FF` byte is
+/// always followed by `00` or a restart marker, so a cut-off file does not end in `FF D9` by
+/// chance. Bytes that are not a JPEG pass.
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return true;
+    }
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    bytes[..end].ends_with(&[0xFF, 0xD9])
+}
+
+/// Decodes an image from memory into RGB8, whatever its format and colour type; a truncated
+/// JPEG is an error ([`PreprocessError::Truncated`]).
 pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage, PreprocessError> {
+    if !jpeg_is_complete(bytes) {
+        return Err(PreprocessError::Truncated {
+            what: what.to_string(),
+        });
+    }
     image::load_from_memory(bytes)
         .map(|i| i.to_rgb8())
         .map_err(|source| PreprocessError::Decode {
@@ -276,6 +301,11 @@ pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
         path: path.to_path_buf(),
         source,
     })?;
+    if !jpeg_is_complete(&bytes) {
+        return Err(PreprocessError::Truncated {
+            what: path.display().to_string(),
+        });
+    }
     image::load_from_memory(&bytes)
         .map(|i| i.to_luma8())
         .map_err(|source| PreprocessError::Decode {
@@ -288,6 +318,26 @@ pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
 mod tests {
     use super::*;
     use image::{Luma, Rgb};
+
+    #[test]
+    fn a_truncated_jpeg_is_refused() {
+        // A real frame of the demo clip, cut at 25-90 % of its bytes (it decoded silently).
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/clip/frame_0040.jpg");
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(decode_rgb(&bytes, "whole").is_ok());
+        let mut padded = bytes.clone();
+        padded.extend([0u8; 16]);
+        assert!(decode_rgb(&padded, "padded").is_ok());
+        for pct in [25, 50, 75, 90] {
+            let cut = &bytes[..bytes.len() * pct / 100];
+            let err = decode_rgb(cut, "cut").unwrap_err();
+            assert!(
+                matches!(err, PreprocessError::Truncated { .. }),
+                "{pct} %: {err}"
+            );
+            assert!(err.to_string().contains("truncated JPEG"));
+        }
+    }
 
     #[test]
     fn normalize_matches_hand_computation() {
