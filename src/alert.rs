@@ -147,6 +147,17 @@ impl AlertMachine {
         self.active.as_ref()
     }
 
+    /// Ends the active alert now (shutdown, or a feed that died), whatever the hysteresis, and
+    /// empties the raising window; `None` when no alert is active.
+    pub fn close(&mut self, seq: u64, t_ms: u64) -> Option<AlertEvent> {
+        let mut a = self.active.take()?;
+        a.end_seq = Some(seq);
+        a.end_ms = Some(t_ms);
+        self.window.clear();
+        self.negatives = 0;
+        Some(a)
+    }
+
     /// Changes the hysteresis (on reload), keeping the active alert.
     pub fn reconfigure(&mut self, cfg: AlertConfig) {
         while self.window.len() > cfg.window_m {

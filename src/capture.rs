@@ -120,6 +120,12 @@ impl Replay {
         if files.is_empty() {
             return Err(open_err("no frames (jpg, png, tif) found".into()));
         }
+        if !path.is_dir() && !files.iter().any(|f| f.is_file()) {
+            return Err(open_err(format!(
+                "none of the {} frames it lists exists (paths are relative to the list file's folder)",
+                files.len()
+            )));
+        }
         Ok(Replay {
             files,
             fps,
@@ -250,5 +256,9 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("nope"), "{err}");
+        let list = d.path().join("frames.txt");
+        std::fs::write(&list, "a.jpg\nb.jpg\n").unwrap();
+        let err = Replay::open(&list, 0.0, false).err().unwrap().to_string();
+        assert!(err.contains("none of the 2 frames"), "{err}");
     }
 }

@@ -99,7 +99,14 @@ struct Slot {
     dropped: u64,
     bad: u64,
     ended: bool,
+    /// Set while the source is lost: the last failure and the failures in a row.
+    lost: Option<(String, u64)>,
 }
+
+/// Unreadable frames in a row after which the feed counts as lost.
+pub const LOST_AFTER: u64 = 25;
+/// Longest wait between attempts on a lost feed (doubling from half a second).
+const LOST_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 struct Handoff {
     slot: Mutex<Slot>,
@@ -132,6 +139,7 @@ fn capture_loop(
     recipe: Arc<Mutex<Recipe>>,
 ) {
     let paced = src.paced();
+    let (mut failed, mut backoff) = (0u64, Duration::from_millis(500));
     while !stop.load(Ordering::Relaxed) {
         if !paced {
             let mut slot = hand.slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -161,6 +169,11 @@ fn capture_loop(
         let mut slot = hand.slot.lock().unwrap_or_else(|e| e.into_inner());
         match next {
             Ok(Some(f)) => {
+                if failed >= LOST_AFTER {
+                    log::info!("the feed is back after {failed} unreadable frames");
+                }
+                (failed, backoff) = (0, Duration::from_millis(500));
+                slot.lost = None;
                 // Latest frame wins: capture never waits for inference.
                 if slot.frame.replace(f).is_some() {
                     slot.dropped += 1;
@@ -174,7 +187,25 @@ fn capture_loop(
             Err(CaptureError::Waiting) => {}
             Err(e @ (CaptureError::BadFrame { .. } | CaptureError::BadBuffer { .. })) => {
                 slot.bad += 1;
-                log::warn!("{e}");
+                failed += 1;
+                if failed < LOST_AFTER {
+                    log::warn!("{e}");
+                } else {
+                    if failed == LOST_AFTER {
+                        log::error!(
+                            "{LOST_AFTER} frames in a row unreadable, the last: {e}; the feed counts as lost, retrying with backoff"
+                        );
+                    }
+                    slot.lost = Some((e.to_string(), failed));
+                    drop(slot);
+                    // Back off instead of spinning (0.5 s doubling to 5 s), still stoppable.
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(LOST_BACKOFF_MAX);
+                    continue;
+                }
             }
             Err(e) => {
                 log::error!("{e}; the frame source stopped");
@@ -347,7 +378,7 @@ fn alert_start(engine: &mut Engine, a: &AlertEvent, frame: &Frame, p: &Processed
     }
 }
 
-fn alert_end(engine: &mut Engine, a: &AlertEvent, frame: &Frame) {
+fn alert_end(engine: &mut Engine, a: &AlertEvent, frame: &Frame, reason: Option<&str>) {
     log::info!(
         polyp_event = "end", polyp_alert_id = a.id, polyp_score = a.peak_score,
         frame_seq = frame.seq, polyp_frames = a.frames;
@@ -361,6 +392,7 @@ fn alert_end(engine: &mut Engine, a: &AlertEvent, frame: &Frame) {
         end_ms: a.end_ms.unwrap_or(frame.t_ms),
         peak_score: a.peak_score,
         frames: a.frames,
+        reason: reason.map(String::from),
     });
 }
 
@@ -431,6 +463,7 @@ fn serve(
     let mut last_frame: Option<Frame> = None;
     let mut stalled = false;
     let mut pending: Option<std::thread::JoinHandle<Prepared>> = None;
+    let mut source_lost = false;
 
     loop {
         // A reload is prepared on its own thread; a SIGHUP during one waits for it.
@@ -466,6 +499,31 @@ fn serve(
             }
             summary.dropped = slot.dropped;
             summary.bad_frames = slot.bad;
+            match (&slot.lost, source_lost) {
+                (Some((reason, failed)), false) => {
+                    source_lost = true;
+                    engine.events.emit(&Event::SourceLost {
+                        reason: reason.clone(),
+                        failed_frames: *failed,
+                    });
+                    // No frame decides anything now: the alert ends, the line goes inactive.
+                    if let Some(f) = &last_frame
+                        && let Some(a) = alerts.close(f.seq, f.t_ms)
+                    {
+                        if let Some(g) = &gpio {
+                            g.clear();
+                        }
+                        alert_end(&mut engine, &a, f, Some("source_lost"));
+                    }
+                }
+                (None, true) if slot.frame.is_some() => {
+                    source_lost = false;
+                    engine.events.emit(&Event::SourceBack {
+                        source: source_desc.clone(),
+                    });
+                }
+                _ => {}
+            }
             let taken = slot.frame.take();
             // An unpaced source waits for the slot to empty.
             hand.ready.notify_all();
@@ -503,7 +561,7 @@ fn serve(
                             if let Some(g) = &gpio {
                                 g.clear();
                             }
-                            alert_end(&mut engine, &a, &frame)
+                            alert_end(&mut engine, &a, &frame, None)
                         }
                         Transition::None => {}
                     }
@@ -521,20 +579,35 @@ fn serve(
             last_frame = Some(frame);
         }
         let now = Instant::now();
-        if let Some(wd) = watchdog {
-            // Fed only while frames flow, so systemd restarts a stalled pipeline.
-            if now - last_frame_at < stall {
-                if now - last_watchdog >= wd {
-                    notify(&[sd_notify::NotifyState::Watchdog]);
-                    last_watchdog = now;
+        let flowing = now - last_frame_at < stall;
+        if !flowing && !stalled {
+            stalled = true;
+            log::error!(
+                "no frame for {:.1} s{}",
+                stall.as_secs_f64(),
+                if watchdog.is_some() {
+                    ": watchdog no longer fed"
+                } else {
+                    ""
                 }
-            } else if !stalled {
-                stalled = true;
-                log::error!(
-                    "no frame for {:.1} s: watchdog no longer fed",
-                    stall.as_secs_f64()
-                );
+            );
+            // Nothing is watched now: an alert left raised would never clear.
+            if let Some(f) = &last_frame
+                && let Some(a) = alerts.close(f.seq, f.t_ms)
+            {
+                if let Some(g) = &gpio {
+                    g.clear();
+                }
+                alert_end(&mut engine, &a, f, Some("no_frames"));
             }
+        }
+        // Fed only while frames flow, so systemd restarts a stalled pipeline.
+        if let Some(wd) = watchdog
+            && flowing
+            && now - last_watchdog >= wd
+        {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+            last_watchdog = now;
         }
         if ready && now - last_status >= Duration::from_secs_f64(engine.cfg.runtime.status_secs) {
             let secs = (now - last_status).as_secs_f64();
@@ -564,12 +637,11 @@ fn serve(
     // Dropping the line's thread drives it inactive.
     drop(gpio);
     cap_stop.store(true, Ordering::Relaxed);
-    if let (Some(a), Some(f)) = (alerts.active().cloned(), &last_frame) {
+    if let Some(f) = &last_frame
+        && let Some(a) = alerts.close(f.seq, f.t_ms)
+    {
         // Close the open alert so every start has an end in the stream.
-        let mut a = a;
-        a.end_seq = Some(f.seq);
-        a.end_ms = Some(f.t_ms);
-        alert_end(&mut engine, &a, f);
+        alert_end(&mut engine, &a, f, Some("shutdown"));
     }
     summary.timing = timing.report();
     engine.events.emit(&Event::Stopped {
@@ -655,9 +727,16 @@ fn apply_reload(p: Prepared, engine: &mut Engine, alerts: &mut AlertMachine) {
         }
     }
     match p.engine {
-        Ok(new) => {
+        Ok(mut new) => {
             alerts.reconfigure(new.cfg.alert.clone());
             let label = new.model_label();
+            // Events keep their order across the swap: the same outputs keep their writers;
+            // changed ones get the old writers' last lines out first (bounded wait).
+            if new.cfg.events == engine.cfg.events {
+                std::mem::swap(&mut new.events, &mut engine.events);
+            } else {
+                engine.events.flush();
+            }
             *engine = new;
             log::info!("reloaded: model {label}");
             engine.events.emit(&Event::Reloaded { model: label });

@@ -347,6 +347,22 @@ pub enum Event {
         peak_score: f32,
         /// Frames processed during the alert.
         frames: u64,
+        /// Why it ended other than by the hysteresis (`source_lost`, `shutdown`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The frame source stopped delivering readable frames (every attempt failing); an
+    /// active alert was closed.
+    SourceLost {
+        /// The last failure.
+        reason: String,
+        /// Consecutive failed frames.
+        failed_frames: u64,
+    },
+    /// Readable frames again after [`Event::SourceLost`].
+    SourceBack {
+        /// The frame source.
+        source: String,
     },
     /// The configuration and model were reloaded (SIGHUP).
     Reloaded {

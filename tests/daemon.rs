@@ -554,3 +554,43 @@ status_secs = 0.1
     assert_eq!(count("stopped"), 1);
     drop((out, err));
 }
+
+/// The replay folder vanishes mid-alert (a source whose every frame fails): one `source_lost`
+/// event, the alert closed with that reason, a bounded number of log lines instead of a spin,
+/// and `source_back` when frames are readable again.
+#[test]
+fn a_dead_feed_closes_the_alert_and_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir(&clip).unwrap();
+    let demo = root().join("demo/clip");
+    let copy_clip = || {
+        for e in std::fs::read_dir(&demo).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, clip.join(p.file_name().unwrap())).unwrap();
+        }
+    };
+    copy_clip();
+    let manifest = root().join("models/polypwatch-edge-int8.toml");
+    let cfg = config(dir.path(), &manifest, &clip, 10.0, true);
+    let mut d = start(&cfg);
+    d.wait_for("alert_start", Duration::from_secs(60));
+    std::fs::remove_dir_all(&clip).unwrap();
+    let (lost, _) = d.wait_for("source_lost", Duration::from_secs(20));
+    assert!(lost["failed_frames"].as_u64().unwrap() >= 25, "{lost}");
+    // The alert open when the feed died (no frame reaches the alert machine after it) is
+    // closed, saying why: the feed lost, or no frame for stall_secs if that came first.
+    let (end, _) = d.wait_for("alert_end", Duration::from_secs(10));
+    assert!(
+        end["reason"] == "source_lost" || end["reason"] == "no_frames",
+        "{end}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = d.stderr.lock().unwrap().lines().count();
+    assert!(lines < 200, "{lines} log lines: the dead feed spins");
+    std::fs::create_dir(&clip).unwrap();
+    copy_clip();
+    d.wait_for("source_back", Duration::from_secs(20));
+    d.signal("-TERM");
+    assert!(d.exit_within(Duration::from_secs(2)).success());
+}
