@@ -56,9 +56,11 @@ pub struct LabelledFrame {
 /// Reads a clip folder's `labels.csv` (a header line, then `frame,polyp_in_view[,...]`).
 pub fn read_clip(dir: &Path) -> Result<Vec<LabelledFrame>, ClipError> {
     let path = dir.join("labels.csv");
-    let text = std::fs::read_to_string(&path).map_err(|source| ClipError::Read {
-        path: path.clone(),
-        source,
+    let text = crate::files::read_text(&path, crate::files::TEXT_CAP).map_err(|source| {
+        ClipError::Read {
+            path: path.clone(),
+            source,
+        }
     })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {

@@ -90,6 +90,17 @@ fn is_image(p: &Path) -> bool {
         .is_some_and(|e| crate::dataset::EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// The frames of a folder, by name: its files with an image extension
+/// ([`crate::dataset::EXTENSIONS`]). Replay and `bench` list folders by this one rule.
+pub fn list_frames(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_image(p))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 impl Replay {
     /// Opens a folder (its images, sorted by name) or a list file (one path per line, relative
     /// to the list's folder). `fps` 0 plays as fast as frames are taken.
@@ -100,15 +111,9 @@ impl Replay {
             message,
         };
         let files: Vec<PathBuf> = if path.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| open_err(e.to_string()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| is_image(p))
-                .collect();
-            v.sort();
-            v
+            list_frames(path).map_err(|e| open_err(e.to_string()))?
         } else {
-            let text = std::fs::read_to_string(path)
+            let text = crate::files::read_text(path, crate::files::TEXT_CAP)
                 .map_err(|e| open_err(format!("{e}: give a folder of images or a list file")))?;
             let base = path.parent().unwrap_or(Path::new("."));
             text.lines()

@@ -175,6 +175,13 @@ fn default_quota() -> u64 {
     256
 }
 
+impl SnapshotsSection {
+    /// The quota in bytes (a quota too large for 64 bits is no limit, not a wrapped tiny one).
+    pub fn quota_bytes(&self) -> u64 {
+        self.quota_mib.saturating_mul(1 << 20)
+    }
+}
+
 impl Default for SnapshotsSection {
     fn default() -> Self {
         SnapshotsSection {
@@ -254,9 +261,11 @@ pub struct Config {
 impl Config {
     /// Reads, parses and validates a file; relative paths are resolved against its folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
+        let text = crate::files::read_text(path, crate::files::TEXT_CAP).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         let mut cfg = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -285,10 +294,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.message().to_string()
-                + &e.span()
-                    .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
-                    .unwrap_or_default(),
+            message: crate::files::toml_message(&e, text),
         })?;
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -379,6 +385,16 @@ mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../polypwatch.example.toml");
+
+    #[test]
+    fn a_huge_snapshot_quota_does_not_wrap() {
+        let s = SnapshotsSection {
+            dir: None,
+            quota_mib: 1 << 50,
+        };
+        assert_eq!(s.quota_bytes(), u64::MAX);
+        assert_eq!(SnapshotsSection::default().quota_bytes(), 256 << 20);
+    }
 
     #[test]
     fn the_example_parses() {

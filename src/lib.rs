@@ -21,6 +21,7 @@ pub mod config;
 pub mod dataset;
 pub mod detect;
 pub mod evaluate;
+pub mod files;
 pub mod frames;
 pub mod gpio;
 pub mod manifest;

@@ -91,9 +91,9 @@ enum Command {
         /// Frames to time.
         #[arg(long, default_value_t = 100)]
         frames: usize,
-        /// Inference threads.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
+        /// Inference threads (1 to 64, as `[runtime] threads`).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: u16,
         /// JPEG/PNG frames, or folders of them, to decode (cycled); default: the demo clip.
         #[arg(long)]
         images: Vec<PathBuf>,
@@ -479,10 +479,11 @@ fn eval_alerts(
 fn bench_cmd(
     model: &Path,
     frames: usize,
-    threads: usize,
+    threads: u16,
     images: Vec<PathBuf>,
     json: bool,
 ) -> Result<()> {
+    let threads = usize::from(threads);
     bench::set_threads(threads);
     let seg = load_model(model)?;
     let images = if images.is_empty() {
@@ -491,22 +492,18 @@ fn bench_cmd(
     } else {
         images
     };
-    // A folder stands for its JPEG/PNG files, in name order.
+    // A folder stands for its frames, by the replay source's rule.
     let mut files = Vec::new();
     for path in images {
         if path.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(&path)
-                .with_context(|| format!("cannot list {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                        matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
-                    })
-                })
-                .collect();
-            v.sort();
+            let v = polypwatch::capture::list_frames(&path)
+                .with_context(|| format!("cannot list {}", path.display()))?;
             if v.is_empty() {
-                bail!("{} holds no JPEG or PNG frames", path.display());
+                bail!(
+                    "{} holds no frames ({})",
+                    path.display(),
+                    polypwatch::dataset::EXTENSIONS.join(", ")
+                );
             }
             files.extend(v);
         } else {

@@ -192,7 +192,7 @@ pub fn sha256_file(path: &Path) -> Result<String, ManifestError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut f = crate::files::open_regular(path).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -212,9 +212,11 @@ pub fn sha256_file(path: &Path) -> Result<String, ManifestError> {
 impl Manifest {
     /// Parses and validates a manifest file (the model file is not touched).
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io {
-            path: path.to_path_buf(),
-            source,
+        let text = crate::files::read_text(path, crate::files::TEXT_CAP).map_err(|source| {
+            ManifestError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         let m = Self::parse(&text, path)?;
         Ok(m)
@@ -240,13 +242,7 @@ impl Manifest {
         }
         let m: Manifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
             path: path.to_path_buf(),
-            message: e.message().to_string()
-                + &e.span()
-                    .map(|s| {
-                        let line = text[..s.start].lines().count().max(1);
-                        format!(" (line {line})")
-                    })
-                    .unwrap_or_default(),
+            message: crate::files::toml_message(&e, text),
         })?;
         m.validate(path)?;
         Ok(m)
@@ -433,6 +429,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("threshhold"), "{err}");
+    }
+
+    #[test]
+    fn preprocess_statistics_are_three_finite_numbers() {
+        let text = toml::to_string(&sample()).unwrap();
+        let std_line = text.lines().find(|l| l.starts_with("std = ")).unwrap();
+        let mean_line = text.lines().find(|l| l.starts_with("mean = ")).unwrap();
+        for (bad, want) in [
+            (
+                text.replace(std_line, "std = [0.2, 0.2, 0.2, 0.2, 0.2, 0.2]"),
+                "expected 3 values (R, G, B), found 6",
+            ),
+            (text.replace(mean_line, "mean = [nan, 0.5, 0.5]"), "finite"),
+        ] {
+            let err = Manifest::parse(&bad, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_key_at_a_line_start_is_reported_on_its_own_line() {
+        let text = toml::to_string(&sample())
+            .unwrap()
+            .replace("[output]\n", "[output]\nthreshhold = 0.4\n");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("threshhold"))
+            .unwrap()
+            + 1;
+        let err = Manifest::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("(line {line})")), "{err}");
+    }
+
+    #[test]
+    fn a_fifo_manifest_is_refused_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.toml");
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let err = Manifest::load(&p).unwrap_err().to_string();
+        assert!(err.contains("FIFO"), "{err}");
     }
 
     #[test]

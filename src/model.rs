@@ -81,8 +81,14 @@ pub fn load_checked(onnx: &Path, manifest: &Manifest) -> Result<TypedModel, Mode
         manifest.preprocess.height as usize,
         manifest.preprocess.width as usize,
     );
+    let bytes = crate::files::read_regular(onnx, crate::files::MODEL_CAP).map_err(|e| {
+        ModelError::Load {
+            path: onnx.to_path_buf(),
+            message: e.to_string(),
+        }
+    })?;
     let model = tract_onnx::onnx()
-        .model_for_path(onnx)
+        .model_for_read(&mut bytes.as_slice())
         .and_then(|m| m.into_typed())
         .map_err(tract_err(onnx))?;
     let shape_of = |fact: TractResult<&TypedFact>| -> Result<Vec<usize>, ModelError> {

@@ -144,7 +144,7 @@ pub fn convert(
                 "truncated frame (no end-of-image marker)".into(),
             ));
         }
-        let img = image::load_from_memory_with_format(src, image::ImageFormat::Jpeg)
+        let img = crate::preprocess::decode_limited(src)
             .map_err(|e| ConvertError::Jpeg(e.to_string()))?;
         *dst = img.into_rgb8();
         return Ok(());

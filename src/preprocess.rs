@@ -73,9 +73,19 @@ pub struct Recipe {
     /// Resampling filter used for the resize.
     pub resize_filter: ResizeFilter,
     /// Per-channel mean (R, G, B) subtracted after scaling pixels to 0..1.
+    #[serde(deserialize_with = "rgb")]
     pub mean: [f32; 3],
     /// Per-channel standard deviation (R, G, B) divided after the mean is subtracted.
+    #[serde(deserialize_with = "rgb")]
     pub std: [f32; 3],
+}
+
+/// Exactly three numbers: serde's array impl would take the first three of a longer list.
+fn rgb<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[f32; 3], D::Error> {
+    let v = Vec::<f32>::deserialize(d)?;
+    <[f32; 3]>::try_from(v.as_slice()).map_err(|_| {
+        serde::de::Error::custom(format!("expected 3 values (R, G, B), found {}", v.len()))
+    })
 }
 
 impl Recipe {
@@ -96,6 +106,12 @@ impl Recipe {
             return Err(PreprocessError::Recipe(format!(
                 "input size {}x{} must be non-zero",
                 self.width, self.height
+            )));
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return Err(PreprocessError::Recipe(format!(
+                "mean {:?} must be finite",
+                self.mean
             )));
         }
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
@@ -270,15 +286,30 @@ pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
     bytes[..end].ends_with(&[0xFF, 0xD9])
 }
 
+/// Largest frame side decoded: a small PNG can declare 23000x23000 pixels and grow to
+/// gigabytes once converted to RGB.
+pub const MAX_SIDE: u32 = 8192;
+
+/// Decodes with the size limits above (and at most 256 MiB allocated by the decoder).
+pub fn decode_limited(bytes: &[u8]) -> Result<image::DynamicImage, image::ImageError> {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(256 << 20);
+    let mut r = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    r.limits(limits);
+    r.decode()
+}
+
 /// Decodes an image from memory into RGB8, whatever its format and colour type; a truncated
-/// JPEG is an error ([`PreprocessError::Truncated`]).
+/// JPEG is an error ([`PreprocessError::Truncated`]), and so is one larger than [`MAX_SIDE`].
 pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage, PreprocessError> {
     if !jpeg_is_complete(bytes) {
         return Err(PreprocessError::Truncated {
             what: what.to_string(),
         });
     }
-    image::load_from_memory(bytes)
+    decode_limited(bytes)
         .map(|i| i.to_rgb8())
         .map_err(|source| PreprocessError::Decode {
             what: what.to_string(),
@@ -288,25 +319,29 @@ pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage, PreprocessError>
 
 /// Reads and decodes an image file into RGB8.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, PreprocessError> {
-    let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read {
-        path: path.to_path_buf(),
-        source,
+    let bytes = crate::files::read_regular(path, crate::files::FRAME_CAP).map_err(|source| {
+        PreprocessError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     decode_rgb(&bytes, &path.display().to_string())
 }
 
 /// Reads and decodes a mask file into 8-bit grey.
 pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
-    let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read {
-        path: path.to_path_buf(),
-        source,
+    let bytes = crate::files::read_regular(path, crate::files::FRAME_CAP).map_err(|source| {
+        PreprocessError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     if !jpeg_is_complete(&bytes) {
         return Err(PreprocessError::Truncated {
             what: path.display().to_string(),
         });
     }
-    image::load_from_memory(&bytes)
+    decode_limited(&bytes)
         .map(|i| i.to_luma8())
         .map_err(|source| PreprocessError::Decode {
             what: path.display().to_string(),
@@ -318,6 +353,19 @@ pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
 mod tests {
     use super::*;
     use image::{Luma, Rgb};
+
+    #[test]
+    fn a_frame_declaring_a_huge_size_is_refused_before_it_is_decoded() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/faults/declares-23000x23000.png");
+        let e = load_rgb(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("declares-23000x23000.png") && e.contains("limit"),
+            "{e}"
+        );
+        let e = load_gray(&p).unwrap_err().to_string();
+        assert!(e.contains("declares-23000x23000.png"), "{e}");
+    }
 
     #[test]
     fn a_truncated_jpeg_is_refused() {

@@ -272,7 +272,7 @@ impl Engine {
             .snapshots
             .dir
             .clone()
-            .map(|d| Snapshots::new(d, cfg.snapshots.quota_mib * 1024 * 1024));
+            .map(|d| Snapshots::new(d, cfg.snapshots.quota_bytes()));
         Ok(Engine {
             cfg,
             seg,

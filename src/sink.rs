@@ -534,14 +534,26 @@ impl Snapshots {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        img.save_with_format(&tmp, image::ImageFormat::Jpeg)
-            .map_err(std::io::Error::other)?;
-        std::fs::rename(&tmp, &path)?;
+        let written = img
+            .save_with_format(&tmp, image::ImageFormat::Jpeg)
+            .map_err(std::io::Error::other)
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            // A full disk must not also leak the partial file (the quota would not see it).
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         self.enforce_quota()?;
         Ok(path)
     }
 
     fn enforce_quota(&self) -> std::io::Result<()> {
+        // Saves run one at a time, so a `.tmp` here is left from a crash: remove it.
+        for e in std::fs::read_dir(&self.dir)?.filter_map(Result::ok) {
+            if e.path().extension().is_some_and(|x| x == "tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let mut files: Vec<(std::time::SystemTime, String, u64, PathBuf)> =
             std::fs::read_dir(&self.dir)?
                 .filter_map(Result::ok)
@@ -573,6 +585,23 @@ impl Snapshots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_and_crashed_saves_leave_no_partial_files() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("snaps");
+        let img = RgbImage::from_pixel(8, 8, Rgb([9, 9, 9]));
+        let s = Snapshots::new(dir.clone(), 1 << 20);
+        // A folder where the snapshot should go makes the final rename fail.
+        std::fs::create_dir_all(dir.join("busy.jpg/x")).unwrap();
+        assert!(s.save("busy.jpg", &img).is_err());
+        assert!(!dir.join(".busy.jpg.tmp").exists());
+        // A partial file from a crash goes at the next save.
+        std::fs::write(dir.join(".old.jpg.tmp"), b"partial").unwrap();
+        s.save("new.jpg", &img).unwrap();
+        assert!(!dir.join(".old.jpg.tmp").exists());
+        assert!(dir.join("new.jpg").is_file());
+    }
 
     #[test]
     fn snapshots_rotate_oldest_first_under_the_quota() {

@@ -256,6 +256,84 @@ fn unknown_config_key_is_refused_naming_the_key() {
     assert!(err.contains("volume") && err.contains("line"), "{err}");
 }
 
+fn mkfifo(p: &Path) {
+    let ok = Command::new("mkfifo").arg(p).status().unwrap().success();
+    assert!(ok, "mkfifo {}", p.display());
+}
+
+/// Runs `polypwatch ARGS` to its end, killed (and failed) if it is still blocked after 20 s.
+fn run_to_end(args: &[&std::ffi::OsStr]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("polypwatch {args:?} blocked");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// FIFOs and devices where files belong: nothing blocks and nothing is read without bound.
+#[test]
+fn fifos_and_devices_in_place_of_files_are_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir(&clip).unwrap();
+    let img = root().join("tests/fixtures/kvasir-mini/images");
+    let first = std::fs::read_dir(&img)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&first, clip.join("f0.jpg")).unwrap();
+    mkfifo(&clip.join("f1.jpg"));
+    std::fs::copy(&first, clip.join("f2.jpg")).unwrap();
+    let cfg = config(dir.path(), &tiny(), &clip, 0.0, false);
+    let mut d = start(&cfg);
+    let (stopped, _) = d.wait_for("stopped", Duration::from_secs(30));
+    assert!(d.exit_within(Duration::from_secs(5)).success());
+    assert_eq!(stopped["frames"], 2, "{stopped}");
+    assert_eq!(stopped["bad_frames"], 1, "{stopped}");
+    let err = d.stderr.lock().unwrap().clone();
+    assert!(err.contains("f1.jpg") && err.contains("FIFO"), "{err}");
+
+    let fifo_cfg = dir.path().join("fifo.toml");
+    mkfifo(&fifo_cfg);
+    let (status, err) = run_to_end(&["check".as_ref(), "--config".as_ref(), fifo_cfg.as_ref()]);
+    assert!(!status.success() && err.contains("FIFO"), "{err}");
+
+    let zero = Path::new("/dev/zero");
+    let (status, err) = run_to_end(&["check".as_ref(), "--config".as_ref(), zero.as_ref()]);
+    assert!(
+        !status.success() && err.contains("character device"),
+        "{err}"
+    );
+    let (status, err) = run_to_end(&[
+        "infer".as_ref(),
+        "--model".as_ref(),
+        zero.as_ref(),
+        "--out".as_ref(),
+        dir.path().as_ref(),
+        first.as_ref(),
+    ]);
+    assert!(
+        !status.success() && err.contains("character device"),
+        "{err}"
+    );
+}
+
 fn tampered_copy(dir: &Path) -> PathBuf {
     for f in ["tiny-f32.onnx", "tiny-f32.toml"] {
         std::fs::copy(root().join("tests/fixtures/model").join(f), dir.join(f)).unwrap();
