@@ -355,6 +355,23 @@ mod tests {
     use image::{Luma, Rgb};
 
     #[test]
+    fn every_listed_extension_decodes() {
+        let img = RgbImage::from_fn(16, 8, |x, y| Rgb([x as u8 * 9, y as u8 * 17, 40]));
+        for (ext, fmt) in [
+            ("png", image::ImageFormat::Png),
+            ("jpg", image::ImageFormat::Jpeg),
+            ("tif", image::ImageFormat::Tiff),
+            ("bmp", image::ImageFormat::Bmp),
+        ] {
+            assert!(crate::dataset::EXTENSIONS.contains(&ext));
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut bytes, fmt).unwrap();
+            let back = decode_rgb(bytes.get_ref(), ext).unwrap();
+            assert_eq!(back.dimensions(), (16, 8), "{ext}");
+        }
+    }
+
+    #[test]
     fn a_frame_declaring_a_huge_size_is_refused_before_it_is_decoded() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/faults/declares-23000x23000.png");
