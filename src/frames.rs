@@ -207,7 +207,8 @@ impl Default for Grid {
         Grid {
             pixel_thresholds: vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             alert_scores: (10..=19)
-                .map(|i| i as f32 * 0.05)
+                // i / 20, not i * 0.05: 18 * 0.05 is 0.90000004 in f32, printed as such.
+                .map(|i| i as f32 / 20.0)
                 .chain([0.97, 0.99])
                 .collect(),
             min_areas: vec![0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05],
@@ -342,7 +343,7 @@ impl Evaluation {
 
 impl EvalReport {
     /// Header of [`EvalReport::frame_row`].
-    pub const FRAME_HEADER: &'static str = "set            polyp  hits  misplaced  sensitivity  |   free    fp  specificity  fp/1000  |  auroc";
+    pub const FRAME_HEADER: &'static str = "set                     polyp  hits  misplaced  sensitivity  |   free    fp  specificity  fp/1000  |  auroc";
 
     /// One row of frame-level figures.
     pub fn frame_row(&self, set: &str) -> String {
