@@ -231,6 +231,19 @@ pub struct Detection {
     pub candidate: bool,
 }
 
+impl Detection {
+    /// Nothing in view.
+    pub fn none() -> Self {
+        Detection {
+            best: None,
+            components: 0,
+            score: 0.0,
+            positive: false,
+            candidate: false,
+        }
+    }
+}
+
 /// Turns logits into probabilities, a binary mask and a [`Detection`].
 pub struct Detector {
     cfg: DetectConfig,

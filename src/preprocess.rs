@@ -274,6 +274,34 @@ pub fn binarize(mask: &GrayImage) -> Vec<u8> {
         .collect()
 }
 
+/// Luma standard deviation (0-255) below which a frame has no detail to score: a capture
+/// card's "no signal" screen, a covered lens, a flat test pattern. Colonoscopy frames measure
+/// tens; a flat colour through JPEG stays under 2.
+pub const BLANK_LUMA_STD: f32 = 3.0;
+
+/// Whether a frame is blank (see [`BLANK_LUMA_STD`]), from a grid of at most 64x64 samples.
+/// Such a frame scores ~0.9 over its whole area on a model that never saw one, and an alert
+/// on it would never clear.
+pub fn is_blank(img: &RgbImage) -> bool {
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return true;
+    }
+    let (sx, sy) = (w.div_ceil(64), h.div_ceil(64));
+    let (mut n, mut sum, mut sq) = (0f64, 0f64, 0f64);
+    for y in (0..h).step_by(sy as usize) {
+        for x in (0..w).step_by(sx as usize) {
+            let [r, g, b] = img.get_pixel(x, y).0;
+            let l = 0.299 * f64::from(r) + 0.587 * f64::from(g) + 0.114 * f64::from(b);
+            n += 1.0;
+            sum += l;
+            sq += l * l;
+        }
+    }
+    let var = (sq / n - (sum / n).powi(2)).max(0.0);
+    (var.sqrt() as f32) < BLANK_LUMA_STD
+}
+
 /// Whether bytes that start like a JPEG end with its end-of-image marker (`FF D9`, zero
 /// padding after it allowed, as some cameras send). Inside the entropy-coded data a `FF` byte is
 /// always followed by `00` or a restart marker, so a cut-off file does not end in `FF D9` by
@@ -353,6 +381,26 @@ pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
 mod tests {
     use super::*;
     use image::{Luma, Rgb};
+
+    #[test]
+    fn flat_frames_are_blank_and_real_ones_are_not() {
+        let flat = RgbImage::from_pixel(640, 480, Rgb([20, 40, 200]));
+        assert!(is_blank(&flat));
+        // Through JPEG: its noise does not make a flat frame look detailed.
+        let mut jpg = std::io::Cursor::new(Vec::new());
+        flat.write_to(&mut jpg, image::ImageFormat::Jpeg).unwrap();
+        assert!(is_blank(&decode_rgb(jpg.get_ref(), "flat.jpg").unwrap()));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for dir in ["kvasir-mini/images", "negatives-mini/images"] {
+            for e in std::fs::read_dir(root.join(dir)).unwrap() {
+                let p = e.unwrap().path();
+                assert!(!is_blank(&load_rgb(&p).unwrap()), "{}", p.display());
+            }
+        }
+        // A frame half black, half white is detail, not blank.
+        let split = RgbImage::from_fn(64, 64, |x, _| Rgb([if x < 32 { 0 } else { 255 }; 3]));
+        assert!(!is_blank(&split));
+    }
 
     #[test]
     fn every_listed_extension_decodes() {

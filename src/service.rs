@@ -76,6 +76,8 @@ pub struct Summary {
     pub dropped: u64,
     /// Frames that could not be read or decoded.
     pub bad_frames: u64,
+    /// Frames with no detail ([`crate::preprocess::is_blank`]), counted as showing no polyp.
+    pub blank_frames: u64,
     /// Alerts raised.
     pub alerts: u64,
     /// Frame rate, capture-to-decision latency and stage times over the whole run.
@@ -295,6 +297,8 @@ struct Processed {
     /// Capture to decision (the alert machine's input is ready), in milliseconds.
     latency_ms: f64,
     stages: Stages,
+    /// The frame had no detail and was not run through the model.
+    blank: bool,
 }
 
 fn process(engine: &Engine, job: Job) -> (Frame, Result<Processed, ModelError>) {
@@ -315,6 +319,17 @@ fn process(engine: &Engine, job: Job) -> (Frame, Result<Processed, ModelError>) 
         stages.preprocess += t.elapsed().as_secs_f64() * 1e3;
         input
     };
+    if crate::preprocess::is_blank(&job.frame.image) {
+        // Not scored: a flat frame is no polyp (and must not hold an alert up).
+        let p = Processed {
+            detection: Detection::none(),
+            mask: image::GrayImage::new(r.width, r.height),
+            latency_ms: job.frame.captured.elapsed().as_secs_f64() * 1e3,
+            stages,
+            blank: true,
+        };
+        return (job.frame, Ok(p));
+    }
     let t1 = Instant::now();
     let result = engine.seg.run(&input).map(|mut logits| {
         let t2 = Instant::now();
@@ -327,6 +342,7 @@ fn process(engine: &Engine, job: Job) -> (Frame, Result<Processed, ModelError>) 
             mask,
             latency_ms: job.frame.captured.elapsed().as_secs_f64() * 1e3,
             stages,
+            blank: false,
         }
     });
     (job.frame, result)
@@ -462,6 +478,7 @@ fn serve(
     let mut timing = Timing::default();
     let mut last_frame: Option<Frame> = None;
     let mut stalled = false;
+    let mut blank = false;
     let mut pending: Option<std::thread::JoinHandle<Prepared>> = None;
     let mut source_lost = false;
 
@@ -541,6 +558,19 @@ fn serve(
                         log::info!("frames flow again");
                         stalled = false;
                     }
+                    if p.blank != blank {
+                        blank = p.blank;
+                        if blank {
+                            log::warn!(
+                                "frame {} ({}) is blank (no detail): blank frames are not scored and count as no polyp",
+                                frame.seq,
+                                frame.origin
+                            );
+                        } else {
+                            log::info!("frames have detail again");
+                        }
+                    }
+                    summary.blank_frames += u64::from(p.blank);
                     if p.detection.candidate && !p.detection.positive {
                         log::debug!(frame_seq = frame.seq, polyp_score = p.detection.score; "candidate frame");
                     }
@@ -649,6 +679,7 @@ fn serve(
         frames: summary.frames,
         dropped: summary.dropped,
         bad_frames: summary.bad_frames,
+        blank_frames: summary.blank_frames,
         alerts: summary.alerts,
     });
     engine.events.flush();

@@ -398,6 +398,8 @@ pub enum Event {
         dropped: u64,
         /// Frames that could not be read or decoded.
         bad_frames: u64,
+        /// Frames with no detail, not scored (counted as no polyp).
+        blank_frames: u64,
         /// Alerts raised.
         alerts: u64,
         /// Frame rate, capture-to-decision latency and stage times over the run.

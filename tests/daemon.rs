@@ -334,6 +334,37 @@ fn fifos_and_devices_in_place_of_files_are_refused_without_blocking() {
     );
 }
 
+/// A capture card's flat "no signal" screen between real frames: not scored, counted, and
+/// said once when it starts.
+#[test]
+fn blank_frames_are_counted_as_no_polyp_and_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir(&clip).unwrap();
+    let img = root().join("tests/fixtures/kvasir-mini/images");
+    let first = std::fs::read_dir(&img)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&first, clip.join("f0.jpg")).unwrap();
+    let blue = image::RgbImage::from_pixel(320, 240, image::Rgb([16, 32, 200]));
+    for i in 1..=4 {
+        blue.save(clip.join(format!("f{i}.jpg"))).unwrap();
+    }
+    std::fs::copy(&first, clip.join("f5.jpg")).unwrap();
+    let cfg = config(dir.path(), &tiny(), &clip, 0.0, false);
+    let mut d = start(&cfg);
+    let (stopped, _) = d.wait_for("stopped", Duration::from_secs(30));
+    assert!(d.exit_within(Duration::from_secs(5)).success());
+    assert_eq!(stopped["frames"], 6, "{stopped}");
+    assert_eq!(stopped["blank_frames"], 4, "{stopped}");
+    let err = d.stderr.lock().unwrap().clone();
+    assert_eq!(err.matches("is blank").count(), 1, "{err}");
+    assert!(err.contains("f1.jpg"), "{err}");
+}
+
 fn tampered_copy(dir: &Path) -> PathBuf {
     for f in ["tiny-f32.onnx", "tiny-f32.toml"] {
         std::fs::copy(root().join("tests/fixtures/model").join(f), dir.join(f)).unwrap();
