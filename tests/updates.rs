@@ -21,10 +21,10 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let key = SecretKey::generate().unwrap();
-    let store = Store::open(&UpdateSection {
-        state_dir: dir.path().join("state"),
-        trusted_keys: vec![key.public().to_string()],
-    })
+    let store = Store::open(&UpdateSection::new(
+        dir.path().join("state"),
+        vec![key.public().to_string()],
+    ))
     .unwrap();
     Setup { dir, key, store }
 }
