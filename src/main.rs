@@ -129,14 +129,20 @@ enum ModelCmd {
         /// Manifests (or their .onnx files) to install.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Install even a version not newer than the current one (a deliberate downgrade);
+        /// without it, and always on daemon reloads, such a bundle is refused.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
-    /// List installed models: current (*), previous (-), and the factory model.
+    /// List installed models: current (*), previous (-, where `rollback` goes), and the
+    /// factory model.
     List {
         /// Daemon configuration.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Make the previous model current again (with none, the factory model).
+    /// Make the previous model current again; repeated, walk back through the install
+    /// history to the factory model.
     Rollback {
         /// Daemon configuration.
         #[arg(long, default_value = DEFAULT_CONFIG)]
@@ -161,8 +167,13 @@ fn open_store(config: &Path) -> Result<(Config, polypwatch::store::Store)> {
 fn model_cmd(action: ModelCmd) -> Result<()> {
     const RELOAD: &str = "the running daemon switches on `systemctl reload polypwatch`";
     match action {
-        ModelCmd::Install { config, files } => {
+        ModelCmd::Install {
+            config,
+            files,
+            allow_downgrade,
+        } => {
             let (_, store) = open_store(&config)?;
+            let opts = polypwatch::store::InstallOptions { allow_downgrade };
             let mut failed = 0;
             for f in files {
                 let manifest = if f.extension().is_some_and(|e| e == "onnx") {
@@ -170,7 +181,7 @@ fn model_cmd(action: ModelCmd) -> Result<()> {
                 } else {
                     f.clone()
                 };
-                match store.install(&manifest) {
+                match store.install_with(&manifest, opts) {
                     Ok(i) => println!(
                         "installed {}: {} signed by {}, self-test IoU {:.4}; now current",
                         f.display(),
@@ -205,7 +216,11 @@ fn model_cmd(action: ModelCmd) -> Result<()> {
                 } else {
                     ' '
                 };
-                println!("{mark} {}  {}", e.label, e.dir.display());
+                let back = match e.rollback_steps {
+                    Some(n) if n > 1 => format!("  ({n} rollbacks back)"),
+                    _ => String::new(),
+                };
+                println!("{mark} {}  {}{back}", e.label, e.dir.display());
             }
             println!(
                 "{} factory  {}",
