@@ -573,16 +573,45 @@ fn bench_cmd(
 }
 
 fn check(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
-    let (manifest, overrides) = match (&config, model) {
+    let (manifest, overrides, installed) = match (&config, model) {
         (Some(c), None) => {
             let cfg = Config::load(c)?;
             println!("config {}: ok", c.display());
-            (cfg.model.manifest, cfg.detect)
+            // Check the model that would serve: the store's current one when it verifies,
+            // as the daemon decides at start.
+            let mut installed = None;
+            if let Some(u) = &cfg.update {
+                let store = polypwatch::store::Store::open(u)?;
+                if let Some(cur) = store.current() {
+                    match polypwatch::store::verify(&cur, store.keys()) {
+                        Ok(v) => {
+                            println!(
+                                "installed model {}: signed by {}, self-test IoU {:.4}: serves instead of the factory model",
+                                cur.display(),
+                                v.key.id(),
+                                v.selftest_iou
+                            );
+                            installed = Some((cur, v.segmenter));
+                        }
+                        Err(e) => println!(
+                            "installed model {} fails verification ({e}): the daemon would serve the factory model",
+                            cur.display()
+                        ),
+                    }
+                }
+            }
+            (cfg.model.manifest, cfg.detect, installed)
         }
-        (None, Some(m)) => (m, DetectOverrides::default()),
+        (None, Some(m)) => (m, DetectOverrides::default(), None),
         _ => bail!("give exactly one of --config FILE or --model MANIFEST"),
     };
-    let seg = load_model(&manifest)?;
+    let (manifest, seg) = match installed {
+        Some(i) => i,
+        None => {
+            let seg = load_model(&manifest)?;
+            (manifest, seg)
+        }
+    };
     let m = seg.manifest();
     println!(
         "model {}: {} {} ({}), {} input {}x{}, threshold {}: ok",

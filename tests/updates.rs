@@ -304,6 +304,16 @@ fn the_model_command_installs_lists_and_rolls_back() {
     );
     let out = polypwatch(&["model", "rollback", "--config", cfg]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("5.0.0"));
+    // `check` checks the model that would serve, not only the factory one.
+    let out = polypwatch(&["check", "--config", cfg]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("model ") && l.contains("models/") && l.contains("5.0.0")),
+        "{text}"
+    );
+
     let out = polypwatch(&["model", "rollback", "--config", cfg]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("factory"));
