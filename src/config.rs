@@ -108,6 +108,34 @@ pub struct UpdateSection {
     /// (`ed25519:<base64>`).
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// Installed models kept in the store (at least 1): the current one and those `model
+    /// rollback` reaches first; older ones are pruned after each install.
+    #[serde(default = "default_keep_models")]
+    pub keep_models: usize,
+    /// Refused bundles kept in `rejected/` (newest first; 0 keeps none, the reason is still
+    /// logged).
+    #[serde(default = "default_keep_rejected")]
+    pub keep_rejected: usize,
+}
+
+fn default_keep_models() -> usize {
+    3
+}
+
+fn default_keep_rejected() -> usize {
+    5
+}
+
+impl UpdateSection {
+    /// A section with these folder and keys and the default counts.
+    pub fn new(state_dir: PathBuf, trusted_keys: Vec<String>) -> Self {
+        UpdateSection {
+            state_dir,
+            trusted_keys,
+            keep_models: default_keep_models(),
+            keep_rejected: default_keep_rejected(),
+        }
+    }
 }
 
 /// `[events]`: where alert events go.
@@ -341,6 +369,12 @@ impl Config {
                 crate::signing::PublicKey::parse(k)
                     .map_err(|e| format!("[update] trusted_keys: {e}"))?;
             }
+            if u.keep_models == 0 {
+                return Err(
+                    "[update] keep_models = 0 must be at least 1 (the current model is always kept)"
+                        .into(),
+                );
+            }
         }
         // A tiny rate would make the replay's frame period overflow a Duration.
         if !(self.source.fps == 0.0 || (0.1..=1000.0).contains(&self.source.fps)) {
@@ -441,6 +475,27 @@ mod tests {
                 "{fps}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn update_counts_default_and_keep_models_zero_is_refused() {
+        let board = include_str!("../systemd/polypwatch.toml");
+        let u = Config::parse(board, Path::new("b.toml"))
+            .unwrap()
+            .update
+            .unwrap();
+        assert_eq!((u.keep_models, u.keep_rejected), (3, 5));
+        let text = board.replace("[update]", "[update]\nkeep_models = 0");
+        let err = Config::parse(&text, Path::new("b.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep_models = 0"), "{err}");
+        let text = board.replace("[update]", "[update]\nkeep_models = 1\nkeep_rejected = 0");
+        let u = Config::parse(&text, Path::new("b.toml"))
+            .unwrap()
+            .update
+            .unwrap();
+        assert_eq!((u.keep_models, u.keep_rejected), (1, 0));
     }
 
     #[test]

@@ -129,14 +129,20 @@ enum ModelCmd {
         /// Manifests (or their .onnx files) to install.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Install even a version not newer than the current one (a deliberate downgrade);
+        /// without it, and always on daemon reloads, such a bundle is refused.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
-    /// List installed models: current (*), previous (-), and the factory model.
+    /// List installed models: current (*), previous (-, where `rollback` goes), and the
+    /// factory model.
     List {
         /// Daemon configuration.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Make the previous model current again (with none, the factory model).
+    /// Make the previous model current again; repeated, walk back through the install
+    /// history to the factory model.
     Rollback {
         /// Daemon configuration.
         #[arg(long, default_value = DEFAULT_CONFIG)]
@@ -161,8 +167,13 @@ fn open_store(config: &Path) -> Result<(Config, polypwatch::store::Store)> {
 fn model_cmd(action: ModelCmd) -> Result<()> {
     const RELOAD: &str = "the running daemon switches on `systemctl reload polypwatch`";
     match action {
-        ModelCmd::Install { config, files } => {
+        ModelCmd::Install {
+            config,
+            files,
+            allow_downgrade,
+        } => {
             let (_, store) = open_store(&config)?;
+            let opts = polypwatch::store::InstallOptions { allow_downgrade };
             let mut failed = 0;
             for f in files {
                 let manifest = if f.extension().is_some_and(|e| e == "onnx") {
@@ -170,7 +181,7 @@ fn model_cmd(action: ModelCmd) -> Result<()> {
                 } else {
                     f.clone()
                 };
-                match store.install(&manifest) {
+                match store.install_with(&manifest, opts) {
                     Ok(i) => println!(
                         "installed {}: {} signed by {}, self-test IoU {:.4}; now current",
                         f.display(),
@@ -205,7 +216,11 @@ fn model_cmd(action: ModelCmd) -> Result<()> {
                 } else {
                     ' '
                 };
-                println!("{mark} {}  {}", e.label, e.dir.display());
+                let back = match e.rollback_steps {
+                    Some(n) if n > 1 => format!("  ({n} rollbacks back)"),
+                    _ => String::new(),
+                };
+                println!("{mark} {}  {}{back}", e.label, e.dir.display());
             }
             println!(
                 "{} factory  {}",
@@ -555,16 +570,45 @@ fn bench_cmd(
 }
 
 fn check(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
-    let (manifest, overrides) = match (&config, model) {
+    let (manifest, overrides, installed) = match (&config, model) {
         (Some(c), None) => {
             let cfg = Config::load(c)?;
             println!("config {}: ok", c.display());
-            (cfg.model.manifest, cfg.detect)
+            // Check the model that would serve: the store's current one when it verifies,
+            // as the daemon decides at start.
+            let mut installed = None;
+            if let Some(u) = &cfg.update {
+                let store = polypwatch::store::Store::open(u)?;
+                if let Some(cur) = store.current() {
+                    match polypwatch::store::verify(&cur, store.keys()) {
+                        Ok(v) => {
+                            println!(
+                                "installed model {}: signed by {}, self-test IoU {:.4}: serves instead of the factory model",
+                                cur.display(),
+                                v.key.id(),
+                                v.selftest_iou
+                            );
+                            installed = Some((cur, v.segmenter));
+                        }
+                        Err(e) => println!(
+                            "installed model {} fails verification ({e}): the daemon would serve the factory model",
+                            cur.display()
+                        ),
+                    }
+                }
+            }
+            (cfg.model.manifest, cfg.detect, installed)
         }
-        (None, Some(m)) => (m, DetectOverrides::default()),
+        (None, Some(m)) => (m, DetectOverrides::default(), None),
         _ => bail!("give exactly one of --config FILE or --model MANIFEST"),
     };
-    let seg = load_model(&manifest)?;
+    let (manifest, seg) = match installed {
+        Some(i) => i,
+        None => {
+            let seg = load_model(&manifest)?;
+            (manifest, seg)
+        }
+    };
     let m = seg.manifest();
     println!(
         "model {}: {} {} ({}), {} input {}x{}, threshold {}: ok",
