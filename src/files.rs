@@ -17,20 +17,23 @@ pub const FRAME_CAP: u64 = 64 << 20;
 /// Cap for an ONNX model file (the shipped ones are 4-16 MiB).
 pub const MODEL_CAP: u64 = 1 << 30;
 
-/// What a path is, for the message that refuses it.
-fn kind(t: std::fs::FileType) -> &'static str {
-    if t.is_fifo() {
-        "a FIFO"
+/// What a file that is not regular is (`None` for a regular file), for the messages that
+/// refuse it; the store's bundle checks use it too.
+pub fn kind_of(t: std::fs::FileType) -> Option<&'static str> {
+    if t.is_file() {
+        None
+    } else if t.is_symlink() {
+        Some("symlink")
+    } else if t.is_fifo() {
+        Some("FIFO")
     } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
+        Some("socket")
     } else if t.is_dir() {
-        "a folder"
+        Some("folder")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("device")
     } else {
-        "not a regular file"
+        Some("special file")
     }
 }
 
@@ -42,11 +45,10 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
-    let t = f.metadata()?.file_type();
-    if !t.is_file() {
+    if let Some(kind) = kind_of(f.metadata()?.file_type()) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("it is {}, not a regular file", kind(t)),
+            format!("it is a {kind}, not a regular file"),
         ));
     }
     Ok(f)
@@ -124,7 +126,7 @@ mod tests {
     #[test]
     fn devices_and_folders_are_refused() {
         let e = read_regular(Path::new("/dev/zero"), FRAME_CAP).unwrap_err();
-        assert!(e.to_string().contains("character device"), "{e}");
+        assert!(e.to_string().contains("a device"), "{e}");
         let e = read_regular(Path::new("/"), FRAME_CAP).unwrap_err();
         assert!(e.to_string().contains("a folder"), "{e}");
     }

@@ -23,11 +23,12 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::UpdateSection;
+use crate::files::kind_of;
 use crate::manifest::{self, Manifest, ManifestError, SelfTest};
 use crate::model::{ModelError, Segmenter, sigmoid};
 use crate::signing::{PublicKey, SignError, SignatureFile};
@@ -205,25 +206,6 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     move |source| InstallError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// What a non-regular file is, for messages.
-fn kind_of(t: fs::FileType) -> Option<&'static str> {
-    if t.is_file() {
-        None
-    } else if t.is_symlink() {
-        Some("symlink")
-    } else if t.is_fifo() {
-        Some("FIFO")
-    } else if t.is_socket() {
-        Some("socket")
-    } else if t.is_dir() {
-        Some("folder")
-    } else if t.is_char_device() || t.is_block_device() {
-        Some("device")
-    } else {
-        Some("special file")
     }
 }
 
