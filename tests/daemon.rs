@@ -284,19 +284,24 @@ fn run_to_end(args: &[&std::ffi::OsStr]) -> (std::process::ExitStatus, String) {
     )
 }
 
-/// FIFOs and devices where files belong: nothing blocks and nothing is read without bound.
-#[test]
-fn fifos_and_devices_in_place_of_files_are_refused_without_blocking() {
+/// A temporary folder with an empty `clip/` in it, and a real frame to fill it with.
+fn empty_clip() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let clip = dir.path().join("clip");
     std::fs::create_dir(&clip).unwrap();
-    let img = root().join("tests/fixtures/kvasir-mini/images");
-    let first = std::fs::read_dir(&img)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let mut frames: Vec<PathBuf> =
+        std::fs::read_dir(root().join("tests/fixtures/kvasir-mini/images"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+    frames.sort();
+    (dir, clip, frames.swap_remove(0))
+}
+
+/// FIFOs and devices where files belong: nothing blocks and nothing is read without bound.
+#[test]
+fn fifos_and_devices_in_place_of_files_are_refused_without_blocking() {
+    let (dir, clip, first) = empty_clip();
     std::fs::copy(&first, clip.join("f0.jpg")).unwrap();
     mkfifo(&clip.join("f1.jpg"));
     std::fs::copy(&first, clip.join("f2.jpg")).unwrap();
@@ -332,16 +337,7 @@ fn fifos_and_devices_in_place_of_files_are_refused_without_blocking() {
 /// said once when it starts.
 #[test]
 fn blank_frames_are_counted_as_no_polyp_and_said_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = dir.path().join("clip");
-    std::fs::create_dir(&clip).unwrap();
-    let img = root().join("tests/fixtures/kvasir-mini/images");
-    let first = std::fs::read_dir(&img)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let (dir, clip, first) = empty_clip();
     std::fs::copy(&first, clip.join("f0.jpg")).unwrap();
     let blue = image::RgbImage::from_pixel(320, 240, image::Rgb([16, 32, 200]));
     for i in 1..=4 {
