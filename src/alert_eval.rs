@@ -11,6 +11,10 @@
 //! - **polyp frames under an alert**: the share of the sequence's frames with an alert active;
 //! - **false alarms**: alerts raised on a polyp-free frame, per minute of polyp-free frames;
 //! - **polyp-free frames under an alert** (this includes an alert held on after a polyp left).
+//!
+//! A frame labelled 0 whose third column (`polyp_fraction`) is above 0 shows the edge of a
+//! polyp coming into view or leaving it, below the in-view share: it is neither a polyp frame
+//! nor a polyp-free one, and an alert raised on it is not a false alarm (the polyp is there).
 
 use std::path::{Path, PathBuf};
 
@@ -44,13 +48,24 @@ pub enum ClipError {
     Empty(PathBuf),
 }
 
+/// What a labelled frame shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// No polyp pixel.
+    Free,
+    /// Part of a polyp, below the in-view share (see the module docs).
+    Edge,
+    /// A polyp in view.
+    Polyp,
+}
+
 /// One labelled frame of a clip.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabelledFrame {
     /// The frame file, in the clip folder.
     pub path: PathBuf,
-    /// A polyp is in view.
-    pub polyp: bool,
+    /// What it shows.
+    pub seen: Seen,
 }
 
 /// Reads a clip folder's `labels.csv` (a header line, then `frame,polyp_in_view[,...]`).
@@ -75,9 +90,14 @@ pub fn read_clip(dir: &Path) -> Result<Vec<LabelledFrame>, ClipError> {
                 text: line.into(),
             });
         };
-        let polyp = match label.trim() {
-            "1" => true,
-            "0" => false,
+        let visible = f
+            .next()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|v| v > 0.0);
+        let seen = match label.trim() {
+            "1" => Seen::Polyp,
+            "0" if visible => Seen::Edge,
+            "0" => Seen::Free,
             _ => {
                 return Err(ClipError::Line {
                     path,
@@ -88,7 +108,7 @@ pub fn read_clip(dir: &Path) -> Result<Vec<LabelledFrame>, ClipError> {
         };
         out.push(LabelledFrame {
             path: dir.join(frame.trim()),
-            polyp,
+            seen,
         });
     }
     if out.is_empty() {
@@ -215,29 +235,29 @@ fn median(v: impl Iterator<Item = f64>) -> Option<f64> {
     })
 }
 
-/// Replays one clip's frame decisions: `frames[i] = (polyp in view, positive, score)`, at
+/// Replays one clip's frame decisions: `frames[i] = (what it shows, positive, score)`, at
 /// `fps`, through an [`AlertMachine`] with `cfg`.
-pub fn replay(frames: &[(bool, bool, f32)], fps: f64, cfg: &AlertConfig) -> ClipReport {
+pub fn replay(frames: &[(Seen, bool, f32)], fps: f64, cfg: &AlertConfig) -> ClipReport {
     let mut machine = AlertMachine::new(cfg.clone());
     let mut active = Vec::with_capacity(frames.len());
     let (mut false_alarms, mut alerts) = (0, 0);
-    for (i, &(polyp, positive, score)) in frames.iter().enumerate() {
+    for (i, &(seen, positive, score)) in frames.iter().enumerate() {
         let t_ms = (i as f64 * 1000.0 / fps).round() as u64;
         if let Transition::Raised(_) = machine.update(i as u64, t_ms, positive, score) {
             alerts += 1;
-            false_alarms += usize::from(!polyp);
+            false_alarms += usize::from(seen == Seen::Free);
         }
         active.push(machine.active().is_some());
     }
     let mut sequences = Vec::new();
     let mut i = 0;
     while i < frames.len() {
-        if !frames[i].0 {
+        if frames[i].0 != Seen::Polyp {
             i += 1;
             continue;
         }
         let start = i;
-        while i < frames.len() && frames[i].0 {
+        while i < frames.len() && frames[i].0 == Seen::Polyp {
             i += 1;
         }
         let run = &active[start..i];
@@ -248,11 +268,11 @@ pub fn replay(frames: &[(bool, bool, f32)], fps: f64, cfg: &AlertConfig) -> Clip
             under_alert: run.iter().filter(|&&a| a).count() as f64 / run.len() as f64,
         });
     }
-    let free_frames = frames.iter().filter(|f| !f.0).count();
+    let free_frames = frames.iter().filter(|f| f.0 == Seen::Free).count();
     let free_active = frames
         .iter()
         .zip(&active)
-        .filter(|(f, a)| !f.0 && **a)
+        .filter(|(f, a)| f.0 == Seen::Free && **a)
         .count();
     let minutes = free_frames as f64 / fps / 60.0;
     ClipReport {
@@ -287,9 +307,9 @@ mod tests {
     fn time_to_alert_share_and_false_alarms() {
         // 10 quiet free frames, a 10-frame polyp run positive from its 2nd frame, 10 free
         // frames with a burst of 3 positives (a false alarm), at 10 fps.
-        let mut f = vec![(false, false, 0.1); 10];
-        f.extend((0..10).map(|i| (true, i >= 1, 0.9)));
-        f.extend((0..10).map(|i| (false, (6..9).contains(&i), 0.8)));
+        let mut f = vec![(Seen::Free, false, 0.1); 10];
+        f.extend((0..10).map(|i| (Seen::Polyp, i >= 1, 0.9)));
+        f.extend((0..10).map(|i| (Seen::Free, (6..9).contains(&i), 0.8)));
         let r = replay(&f, 10.0, &cfg());
         assert_eq!(r.sequences.len(), 1);
         let s = &r.sequences[0];
@@ -312,8 +332,23 @@ mod tests {
     }
 
     #[test]
+    fn an_alert_raised_on_a_polyp_edge_is_no_false_alarm() {
+        // The polyp's edge (under the in-view share) is positive before the labelled run.
+        let mut f = vec![(Seen::Free, false, 0.1); 10];
+        f.extend([(Seen::Edge, true, 0.9); 3]);
+        f.extend([(Seen::Polyp, true, 0.9); 5]);
+        f.extend([(Seen::Free, false, 0.1); 10]);
+        let r = replay(&f, 10.0, &cfg());
+        assert_eq!((r.alerts, r.false_alarms), (1, 0));
+        assert_eq!(r.sequences[0].time_to_alert_ms, Some(0.0));
+        assert_eq!(r.free_frames, 20);
+    }
+
+    #[test]
     fn a_silent_sequence_is_missed() {
-        let f: Vec<_> = (0..6).map(|i| (i >= 2, false, 0.0)).collect();
+        let f: Vec<_> = (0..6)
+            .map(|i| (if i >= 2 { Seen::Polyp } else { Seen::Free }, false, 0.0))
+            .collect();
         let r = replay(&f, 25.0, &cfg());
         assert_eq!(r.sequences[0].time_to_alert_ms, None);
         assert_eq!(r.alerted(), 0);
@@ -332,17 +367,13 @@ mod tests {
         assert!(e.contains("line 3"), "{e}");
         std::fs::write(
             dir.path().join("labels.csv"),
-            "frame,polyp_in_view\na.jpg,1,0.2\n",
+            "frame,polyp_in_view\na.jpg,1,0.2\nb.jpg,0,0.004\nc.jpg,0,0.0\nd.jpg,0\n",
         )
         .unwrap();
         let c = read_clip(dir.path()).unwrap();
-        assert_eq!(
-            c,
-            vec![LabelledFrame {
-                path: dir.path().join("a.jpg"),
-                polyp: true
-            }]
-        );
+        let seen: Vec<Seen> = c.iter().map(|f| f.seen).collect();
+        assert_eq!(seen, [Seen::Polyp, Seen::Edge, Seen::Free, Seen::Free]);
+        assert_eq!(c[0].path, dir.path().join("a.jpg"));
         assert!(
             read_clip(&dir.path().join("none"))
                 .unwrap_err()

@@ -437,7 +437,7 @@ fn eval_alerts(
             let mut logits = seg.logits_for(&img)?;
             let mask = det.mask(&mut logits, r.width, r.height);
             let d = det.detect(&logits, &mask);
-            decisions.push((f.polyp, d.positive, d.score));
+            decisions.push((f.seen, d.positive, d.score));
         }
         let rep = alert_eval::replay(&decisions, fps, &alert);
         println!("{}: {} frames", clip.display(), frames.len());
