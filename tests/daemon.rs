@@ -333,6 +333,18 @@ fn fifos_and_devices_in_place_of_files_are_refused_without_blocking() {
     assert!(!status.success() && err.contains("a device"), "{err}");
 }
 
+#[test]
+fn bench_refuses_zero_threads() {
+    let (status, err) = run_to_end(&[
+        "bench".as_ref(),
+        "--model".as_ref(),
+        tiny().as_ref(),
+        "--threads".as_ref(),
+        "0".as_ref(),
+    ]);
+    assert!(!status.success() && err.contains("--threads"), "{err}");
+}
+
 /// A capture card's flat "no signal" screen between real frames: not scored, counted, and
 /// said once when it starts.
 #[test]
