@@ -37,6 +37,12 @@ pub enum ConfigError {
         /// Which key and why.
         message: String,
     },
+    /// `polypwatch` with no arguments found no demo to run.
+    #[error("no demo configuration found (looked for {looked}): run with --config FILE")]
+    NoDemo {
+        /// The paths tried, in order.
+        looked: String,
+    },
 }
 
 /// `[model]`: which model to run.

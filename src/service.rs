@@ -785,8 +785,81 @@ fn apply_reload(p: Prepared, engine: &mut Engine, alerts: &mut AlertMachine) {
 }
 
 /// The configuration that `polypwatch` with no arguments runs: the bundled demo clip through
-/// the shipped model, events on stdout.
+/// the shipped model, events on stdout. Found beside the installed binary first (the .deb puts
+/// it in `/usr/share/polypwatch/demo/`), then in the source tree the binary was built from.
 pub fn demo_config() -> Result<Config, ConfigError> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Config::load(&root.join("demo/demo.toml"))
+    let exe = std::env::current_exe().ok();
+    load_first(&demo_candidates(exe.as_deref()))
+}
+
+/// Where the demo's configuration may be, in the order tried: `<prefix>/share/polypwatch/demo/`
+/// for a binary in `<prefix>/bin/`, then the build's source tree (`cargo run`).
+pub fn demo_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(prefix) = exe.and_then(Path::parent).and_then(Path::parent) {
+        out.push(prefix.join("share/polypwatch/demo/demo.toml"));
+    }
+    out.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/demo.toml"));
+    out
+}
+
+/// Loads the first of `candidates` that exists; none existing is [`ConfigError::NoDemo`].
+fn load_first(candidates: &[PathBuf]) -> Result<Config, ConfigError> {
+    match candidates.iter().find(|p| p.exists()) {
+        Some(p) => Config::load(p),
+        None => Err(ConfigError::NoDemo {
+            looked: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_is_looked_for_beside_the_installed_binary_first() {
+        let c = demo_candidates(Some(Path::new("/usr/bin/polypwatch")));
+        assert_eq!(c[0], Path::new("/usr/share/polypwatch/demo/demo.toml"));
+        assert_eq!(
+            c.last().unwrap(),
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/demo.toml")
+        );
+        assert_eq!(demo_candidates(None).len(), 1);
+    }
+
+    #[test]
+    fn an_installed_demo_loads_with_paths_relative_to_it() {
+        // The .deb's layout: <prefix>/share/polypwatch/{demo,models}.
+        let prefix = tempfile::tempdir().unwrap();
+        let share = prefix.path().join("share/polypwatch");
+        std::fs::create_dir_all(share.join("demo/clip")).unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/demo.toml"),
+            share.join("demo/demo.toml"),
+        )
+        .unwrap();
+        let exe = prefix.path().join("bin/polypwatch");
+        let cfg = load_first(&demo_candidates(Some(&exe))).unwrap();
+        assert_eq!(cfg.source.path.unwrap(), share.join("demo/clip"));
+        assert_eq!(
+            cfg.model.manifest,
+            share.join("demo/../models/polypwatch-edge-int8.toml")
+        );
+    }
+
+    #[test]
+    fn no_demo_names_every_place_it_looked_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a/demo.toml");
+        let b = dir.path().join("b/demo.toml");
+        let msg = load_first(&[a.clone(), b.clone()]).unwrap_err().to_string();
+        assert!(msg.contains(&a.display().to_string()), "{msg}");
+        assert!(msg.contains(&b.display().to_string()), "{msg}");
+        assert!(msg.contains("--config"), "{msg}");
+    }
 }
