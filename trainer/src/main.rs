@@ -155,7 +155,7 @@ fn main() -> Result<()> {
                 quiet,
             })?;
             println!(
-                "done: {} epochs, best validation mean IoU {:.4} at epoch {} ({:.1} min); weights in {}",
+                "done: {} epochs, best validation score {:.4} (polyp mean IoU, times polyp-free specificity where there are such frames) at epoch {} ({:.1} min); weights in {}",
                 state.epochs_done,
                 state.best_val_iou,
                 state.best_epoch,

@@ -463,7 +463,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
             .load(ck.join("optim.bpk"))
             .map_err(|e| anyhow::anyhow!("cannot load optimiser state: {e:?}"))?;
         eprintln!(
-            "resuming {} after epoch {} (best val mIoU {:.4} at epoch {})",
+            "resuming {} after epoch {} (best validation score {:.4} at epoch {})",
             run.0.display(),
             state.epochs_done,
             state.best_val_iou,
