@@ -435,7 +435,7 @@ mod tests {
     #[test]
     fn a_truncated_jpeg_is_refused() {
         // A real frame of the demo clip, cut at 25-90 % of its bytes (it decoded silently).
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/clip/frame_0040.jpg");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/clip/frame_00090.jpg");
         let bytes = std::fs::read(&path).unwrap();
         assert!(decode_rgb(&bytes, "whole").is_ok());
         let mut padded = bytes.clone();

@@ -151,7 +151,7 @@ proptest! {
 
     #[test]
     fn jpeg_frames_never_panic(edits in prop::collection::vec(edit(), 1..4)) {
-        let bytes = apply(read("demo/clip/frame_0000.jpg"), &edits);
+        let bytes = apply(read("demo/clip/frame_00000.jpg"), &edits);
         let _ = decode_rgb(&bytes, "fuzz.jpg");
     }
 
