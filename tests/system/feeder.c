@@ -165,6 +165,13 @@ static int feed(int argc, char **argv) {
   unsigned char **conv = calloc(nframes, sizeof *conv);
   for (int i = 0; i < ns; i++)
     if (!conv[sched[i]]) conv[sched[i]] = convert(&frames[sched[i]], pf);
+  /* FEEDER_DUMP=FILE: the first scheduled frame as queued, to check the loopback against. */
+  const char *dump = getenv("FEEDER_DUMP");
+  if (dump) {
+    FILE *d = fopen(dump, "wb");
+    if (!d || fwrite(conv[sched[0]], 1, pf->sizeimage, d) != pf->sizeimage) die(dump);
+    fclose(d);
+  }
   fprintf(stderr, "feeder: %s %.4s %ux%u bpl %u size %u, %d frames, schedule of %d%s\n", dev,
           (char *)&pf->pixelformat, pf->width, pf->height, pf->bytesperline, pf->sizeimage,
           nframes, ns, loop ? " (looped)" : "");

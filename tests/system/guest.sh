@@ -12,7 +12,11 @@ fail=0
 REPORT=$R/report.txt
 : >"$REPORT"
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'; }
-log() { echo "[$(since "$T0")s] $*"; }
+log() {
+  echo "[$(since "$T0")s] $*"
+  # What the daemon logged so far, kept if the VM is killed later.
+  journalctl -u polypwatch -o short-monotonic --no-pager >"$R/polypwatch.log" 2>/dev/null
+}
 ok() { pass=$((pass + 1)); echo "PASS  $1${2:+: $2}" | tee -a "$REPORT"; }
 bad() { fail=$((fail + 1)); echo "FAIL  $1: $2" | tee -a "$REPORT"; }
 note() { echo "      $*" | tee -a "$REPORT"; }
@@ -74,12 +78,13 @@ FEED_FPS=""
 vivid_setup() {
   CAP=$(node vivid-000-vid-cap)
   OUT=$(node vivid-000-vid-out)
-  v4l2-ctl -d "$CAP" -i 3 >/dev/null || return 1
+  v4l2-ctl -d "$CAP" -i 3 >/dev/null && v4l2-ctl -d "$OUT" -o 1 >/dev/null || return 1
   if [ -z "$TIMINGS" ]; then
     for fps in 10 12 15 20 24 25 30 50 60; do
       for how in cvt gtf "cvt,reduced-blanking=1"; do
         t="$how,width=1280,height=1024,fps=$fps"
-        if v4l2-ctl -d "$CAP" --set-dv-bt-timings "$t" >/dev/null 2>&1; then
+        if v4l2-ctl -d "$CAP" --set-dv-bt-timings "$t" >/dev/null 2>&1 &&
+          v4l2-ctl -d "$OUT" --set-dv-bt-timings "$t" >/dev/null 2>&1; then
           TIMINGS=$t
           FEED_FPS=$fps
           break 2
@@ -89,9 +94,9 @@ vivid_setup() {
     [ -n "$TIMINGS" ] || { echo "no 1280x1024 timings accepted by the capture node"; return 1; }
     log "vivid: timings $TIMINGS ($(v4l2-ctl -d "$CAP" --get-dv-timings | grep -o '([0-9.]* frames per second)'))"
   fi
-  v4l2-ctl -d "$CAP" --set-dv-bt-timings "$TIMINGS" >/dev/null &&
+  v4l2-ctl -d "$CAP" --set-dv-bt-timings "$TIMINGS" >/dev/null 2>&1 &&
     v4l2-ctl -d "$OUT" -o 1 >/dev/null &&
-    v4l2-ctl -d "$OUT" --set-dv-bt-timings "$TIMINGS" >/dev/null &&
+    v4l2-ctl -d "$OUT" --set-dv-bt-timings "$TIMINGS" >/dev/null 2>&1 &&
     v4l2-ctl -d "$CAP" -c loop_video=1,osd_text_mode=2 >/dev/null
 }
 vivid_setup || { bad setup "vivid loopback setup failed"; exit 1; }
@@ -121,12 +126,29 @@ watch_start() {
 }
 watch_stop() { [ -n "$WATCHER" ] && kill "$WATCHER" 2>/dev/null && wait "$WATCHER" 2>/dev/null; WATCHER=""; }
 
+# The loopback is byte-exact: a frame queued on the output comes back unchanged on the capture.
+for f in YUYV NV12 RGB3; do
+  out_format $f >/dev/null
+  v4l2-ctl -d "$CAP" --set-fmt-video=width=1280,height=1024,pixelformat=$f
+  FEEDER_DUMP=/tmp/fed.raw "$F" out "$OUT" "$P/frames.ppm" /tmp/pos.sched /tmp/loop.log loop 2>/dev/null &
+  lp=$!
+  sleep 2
+  v4l2-ctl -d "$CAP" --stream-mmap --stream-count=3 --stream-to=/tmp/cap.raw 2>/dev/null
+  kill $lp; wait $lp 2>/dev/null
+  sz=$(stat -c %s /tmp/fed.raw)
+  if tail -c "$sz" /tmp/cap.raw | cmp -s - /tmp/fed.raw; then
+    log "vivid loopback $f: byte-exact"
+  else
+    bad "setup: vivid loopback $f" "the captured frame differs from the one queued ($(tail -c "$sz" /tmp/cap.raw | cmp - /tmp/fed.raw 2>&1 | head -1))"
+  fi
+done
+rm -f /tmp/cap.raw /tmp/fed.raw
+
 # ---- install the package the way a board does ------------------------------------------------
 DEB=$(ls "$P"/polypwatch_*_amd64.deb)
 log "apt install ./$(basename "$DEB")"
 cp "$DEB" /tmp/
-if ! (cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download \
-  "./$(basename "$DEB")") >"$R/apt.log" 2>&1; then
+if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "/tmp/$(basename "$DEB")" >"$R/apt.log" 2>&1; then
   bad install "apt install failed: $(tail -3 "$R/apt.log" | tr '\n' ' ')"
   exit 1
 fi
@@ -211,7 +233,7 @@ for fmt in yuyv:YUYV nv12:NV12 rgb24:RGB3; do
   c=$(cursor)
   systemctl start polypwatch
   if ! wait_for 90 event_seen "$c" end; then
-    bad "$name" "no alert start and end in 90 s (state $(prop ActiveState)): $(pmsg "$c" | grep -v '^timing' | tail -4 | tr '\n' '|')"
+    bad "$name" "no alert start and end in 90 s (state $(prop ActiveState), status: $(prop StatusText)): $(pmsg "$c" | tail -4 | tr '\n' '|')"
     continue
   fi
   sleep 0.5

@@ -217,7 +217,7 @@ fi
 # ---- boot -------------------------------------------------------------------------------------
 stamp "boot: qemu-system-x86_64 (TCG), kernel $kver"
 console=$scratch/console.log
-timeout=${POLYPWATCH_SYSTEM_TIMEOUT:-420}
+timeout=${POLYPWATCH_SYSTEM_TIMEOUT:-900}
 boot_t0=$(date +%s.%N)
 "${NICE[@]}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 2048 -smp 2 \
   -display none -no-reboot -nic none -monitor none -serial "file:$console" \
@@ -237,7 +237,7 @@ done
 wait "$qemu_pid" 2>/dev/null || true
 qemu_pid=""
 end_t=$(date +%s.%N)
-mkdir -p "$cache/last"
+rm -rf "$cache/last" && mkdir -p "$cache/last"
 cp "$console" "$cache/last/console.log" 2>/dev/null || true
 cp -r "$p/results/." "$cache/last/" 2>/dev/null || true
 if [ -f "$p/results/summary" ]; then
