@@ -91,9 +91,17 @@ impl Camera {
         self.cfg.device.display().to_string()
     }
 
-    fn report(&mut self, state: Reported) {
+    /// Logs a change of state; returns whether it logged. Down is one state whatever its
+    /// reason: an unplugged camera first fails with ENODEV, then its node is gone, and that
+    /// is one event, not two (a changed reason is logged at debug level).
+    fn report(&mut self, state: Reported) -> bool {
         if self.reported == state {
-            return;
+            return false;
+        }
+        if let (Reported::Down(_), Reported::Down(why)) = (&self.reported, &state) {
+            log::debug!("camera {}: still down: {why}", self.device_name());
+            self.reported = state;
+            return false;
         }
         let dev = self.device_name();
         match &state {
@@ -106,6 +114,7 @@ impl Camera {
             Reported::Nothing => {}
         }
         self.reported = state;
+        true
     }
 
     fn try_open(&self) -> Result<Open, String> {
@@ -136,14 +145,9 @@ impl Camera {
             Some(f) => vec![f],
             None => PixelFormat::ALL.to_vec(),
         };
-        let mut fmt = dev
-            .format()
-            .map_err(|e| format!("cannot read format: {e}"))?;
         let mut got = None;
         for want in &wanted {
-            fmt.width = self.cfg.width;
-            fmt.height = self.cfg.height;
-            fmt.fourcc = v4l::FourCC::new(&want.fourcc());
+            let fmt = requested_format(*want, self.cfg.width, self.cfg.height);
             let set = dev
                 .set_format(&fmt)
                 .map_err(|e| format!("cannot set format {want}: {e}"))?;
@@ -197,8 +201,19 @@ impl Camera {
     fn lost(&mut self, why: String) {
         self.open = None;
         self.next_try = Instant::now() + self.backoff;
-        self.report(Reported::Down(why));
+        let _ = self.report(Reported::Down(why));
     }
+}
+
+/// The format asked of the device: a fresh request, not the device's current format with the
+/// size and code changed. Stride and image size 0 let the driver compute them for the new
+/// format; carried over from the previous one (a larger RGB24 stride, say), a driver that
+/// honours padded strides (vivid does) keeps it, and the frames come with the old format's
+/// line length. Progressive only: the converters know no interlaced field orders.
+fn requested_format(format: PixelFormat, width: u32, height: u32) -> v4l::Format {
+    let mut f = v4l::Format::new(width, height, v4l::FourCC::new(&format.fourcc()));
+    f.field_order = v4l::format::FieldOrder::Progressive;
+    f
 }
 
 impl FrameSource for Camera {
@@ -216,7 +231,7 @@ impl FrameSource for Camera {
                     }
                     self.open = Some(o);
                     self.backoff = BACKOFF_MIN;
-                    self.report(Reported::Streaming);
+                    let _ = self.report(Reported::Streaming);
                 }
                 Err(why) => {
                     self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
@@ -321,6 +336,26 @@ mod tests {
             Reported::Down(why) => assert!(why.contains("no such device"), "{why}"),
             r => panic!("{r:?}"),
         }
+    }
+
+    #[test]
+    fn a_device_that_goes_away_is_logged_once_whatever_the_next_error() {
+        let mut c = cam("/dev/v4l/by-id/polypwatch-test-missing");
+        assert!(c.report(Reported::Streaming));
+        assert!(c.report(Reported::Down("unplugged (ENODEV)".into())));
+        assert!(!c.report(Reported::Down("no such device".into())));
+        assert!(!c.report(Reported::Down("permission denied".into())));
+        assert!(c.report(Reported::Streaming));
+        assert!(c.report(Reported::Down("unplugged (ENODEV)".into())));
+    }
+
+    #[test]
+    fn a_format_request_leaves_stride_and_size_to_the_driver() {
+        let f = requested_format(PixelFormat::Nv12, 1280, 1024);
+        assert_eq!((f.width, f.height), (1280, 1024));
+        assert_eq!(f.fourcc.repr, *b"NV12");
+        assert_eq!((f.stride, f.size), (0, 0));
+        assert_eq!(f.field_order, v4l::format::FieldOrder::Progressive);
     }
 
     #[test]

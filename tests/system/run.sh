@@ -194,6 +194,14 @@ cp "${POLYPWATCH_SYSTEM_GUEST:-$here/guest.sh}" "$p/guest.sh"
 for f in "$repo"/demo/clip/frame_*.jpg; do djpeg -pnm "$f"; done >"$p/frames.ppm"
 cp "$repo/demo/clip/labels.csv" "$p/"
 
+# POLYPWATCH_SYSTEM_SCALE: multiplies the guest's waits; POLYPWATCH_SYSTEM_WATCHDOG_SEC: a
+# drop-in WatchdogSec for hosts so slow (a loaded machine under TCG) that the first frame
+# takes longer than the unit's 15 s. Neither is set in CI.
+{
+  echo "SCALE=${POLYPWATCH_SYSTEM_SCALE:-1}"
+  echo "WATCHDOG_SEC=${POLYPWATCH_SYSTEM_WATCHDOG_SEC:-}"
+} >"$p/env"
+
 # A signed update bundle (the shipped int8 model as version +1 patch) and a tampered copy.
 train=$repo/target/release/polypwatch-train
 if [ -x "$train" ]; then
