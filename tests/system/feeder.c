@@ -176,8 +176,9 @@ static int feed(int argc, char **argv) {
           (char *)&pf->pixelformat, pf->width, pf->height, pf->bytesperline, pf->sizeimage,
           nframes, ns, loop ? " (looped)" : "");
 
-  /* Two buffers: a frame waits at most one frame period in the queue before going out. */
-  struct v4l2_requestbuffers req = {.count = 2, .type = V4L2_BUF_TYPE_VIDEO_OUTPUT, .memory = V4L2_MEMORY_MMAP};
+  /* Three buffers: a frame waits at most two frame periods before going out, and a starved
+     feeder still keeps the output fed. */
+  struct v4l2_requestbuffers req = {.count = 3, .type = V4L2_BUF_TYPE_VIDEO_OUTPUT, .memory = V4L2_MEMORY_MMAP};
   if (xioctl(fd, VIDIOC_REQBUFS, &req) < 0) die("REQBUFS");
   void *maps[16];
   size_t lens[16];
