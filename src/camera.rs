@@ -49,6 +49,8 @@ struct Open {
     height: u32,
     stride: usize,
     last_frame: Instant,
+    /// The last dequeue timed out: the buffer `next` would give back first is still queued.
+    timed_out: bool,
 }
 
 /// What the source last reported, so each state is logged once.
@@ -195,6 +197,7 @@ impl Camera {
             height: set.height,
             stride: set.stride as usize,
             last_frame: Instant::now(),
+            timed_out: false,
         })
     }
 
@@ -242,7 +245,18 @@ impl FrameSource for Camera {
         }
         let stall = self.cfg.stall;
         let o = self.open.as_mut().expect("opened above");
-        let result = o.stream.next().map(|(buf, meta)| {
+        // `MmapStream::next` first gives back the buffer it dequeued last. After a timeout
+        // that buffer is still queued, and queueing it again fails with EINVAL: on a real
+        // driver every gap longer than the poll timeout (a signal dropout, a stalled source)
+        // became "capture failed: Invalid argument" and a reopen, so a stall was never seen
+        // as one. After a timeout a buffer is dequeued first (its frame is skipped: `next`
+        // gives it back), then streaming goes on.
+        let resumed = if o.timed_out {
+            CaptureStream::dequeue(&mut o.stream).map(|_| o.timed_out = false)
+        } else {
+            Ok(())
+        };
+        let result = resumed.and_then(|()| o.stream.next()).map(|(buf, meta)| {
             let captured = Instant::now();
             let used = (meta.bytesused as usize).min(buf.len());
             let r = pixfmt::convert(
@@ -271,6 +285,7 @@ impl FrameSource for Camera {
                 }))
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                o.timed_out = true;
                 if o.last_frame.elapsed() >= stall {
                     self.lost(format!(
                         "stalled, no frame for {:.1} s while open: reopening",

@@ -351,14 +351,18 @@ c=$(cursor)
 pid0=$(prop MainPID)
 n0=$(prop NRestarts)
 feed_stop
-# rmmod while the daemon streams; if the open file pins the module, vivid's own "disconnect"
-# control (a simulated unplug: the nodes go, open files get ENODEV) comes first.
+# rmmod while the daemon streams. The kernel refuses while a file is open on the node ("in
+# use"), so vivid's own "disconnect" control (a simulated unplug: the nodes go, open files get
+# ENODEV) comes first, then rmmod once the daemon has let go.
 how="rmmod"
 if ! rm_out=$(rmmod vivid 2>&1); then
   how="disconnect control, then rmmod ($rm_out)"
   v4l2-ctl -d "$CAP" -c disconnect=1 >/dev/null 2>&1
-  sleep 1
-  rm_out=$(rmmod vivid 2>&1)
+  # The module can go once the daemon has seen ENODEV and closed its file.
+  for _ in $(seq $((15 * SCALE))); do
+    sleep 1
+    rm_out=$(rmmod vivid 2>&1) && break
+  done
 fi
 lsmod | grep -q '^vivid ' && removed="no ($rm_out)" || removed=yes
 note "removal: $how"
