@@ -396,21 +396,21 @@ else
   chown polypwatch:polypwatch /var/lib/polypwatch/incoming/*
   systemctl reload polypwatch
   installed=no
-  wait_for 60 msg_seen "$c" "reloaded: model" && installed=yes
+  wait_for 60 msg_seen "$c" "installed model" && installed=yes
   list1=$(runas polypwatch model list 2>&1)
   c2=$(cursor)
   cp "$P"/bundle/bad/* /var/lib/polypwatch/incoming/
   chown polypwatch:polypwatch /var/lib/polypwatch/incoming/*
   systemctl reload polypwatch
   rejected=no
-  wait_for 60 msg_seen "$c2" "rejected" && rejected=yes
+  wait_for 60 msg_seen "$c2" "refused" && rejected=yes
   sleep 1
   list2=$(runas polypwatch model list 2>&1)
   inrej=$(find /var/lib/polypwatch/rejected -name 'reason.txt' | wc -l)
   cur=$(grep '^\*' <<<"$list2")
   if [ $installed = yes ] && [ $rejected = yes ] && [ "$inrej" -ge 1 ] &&
     grep -q "$newver" <<<"$cur" && [ "$(prop ActiveState)" = active ]; then
-    ok "$name" "$newver installed and serving, tampered copy in rejected/ ($(pmsg "$c2" | grep -m1 rejected | cut -c1-100))"
+    ok "$name" "$newver installed and serving, tampered copy in rejected/ ($(pmsg "$c2" | grep -m1 refused | cut -c1-140))"
   else
     bad "$name" "installed: $installed, rejected: $rejected, rejected/ reasons: $inrej, state $(prop ActiveState); model list: $(tr '\n' '|' <<<"$list2"); $(pmsg "$c" | grep -iv timing | tail -5 | tr '\n' '|')"
   fi
