@@ -49,6 +49,8 @@ struct Open {
     height: u32,
     stride: usize,
     last_frame: Instant,
+    /// The last dequeue timed out: the buffer `next` would give back first is still queued.
+    timed_out: bool,
 }
 
 /// What the source last reported, so each state is logged once.
@@ -91,9 +93,17 @@ impl Camera {
         self.cfg.device.display().to_string()
     }
 
-    fn report(&mut self, state: Reported) {
+    /// Logs a change of state; returns whether it logged. Down is one state whatever its
+    /// reason: an unplugged camera first fails with ENODEV, then its node is gone, and that
+    /// is one event, not two (a changed reason is logged at debug level).
+    fn report(&mut self, state: Reported) -> bool {
         if self.reported == state {
-            return;
+            return false;
+        }
+        if let (Reported::Down(_), Reported::Down(why)) = (&self.reported, &state) {
+            log::debug!("camera {}: still down: {why}", self.device_name());
+            self.reported = state;
+            return false;
         }
         let dev = self.device_name();
         match &state {
@@ -106,6 +116,7 @@ impl Camera {
             Reported::Nothing => {}
         }
         self.reported = state;
+        true
     }
 
     fn try_open(&self) -> Result<Open, String> {
@@ -136,14 +147,9 @@ impl Camera {
             Some(f) => vec![f],
             None => PixelFormat::ALL.to_vec(),
         };
-        let mut fmt = dev
-            .format()
-            .map_err(|e| format!("cannot read format: {e}"))?;
         let mut got = None;
         for want in &wanted {
-            fmt.width = self.cfg.width;
-            fmt.height = self.cfg.height;
-            fmt.fourcc = v4l::FourCC::new(&want.fourcc());
+            let fmt = requested_format(*want, self.cfg.width, self.cfg.height);
             let set = dev
                 .set_format(&fmt)
                 .map_err(|e| format!("cannot set format {want}: {e}"))?;
@@ -191,14 +197,26 @@ impl Camera {
             height: set.height,
             stride: set.stride as usize,
             last_frame: Instant::now(),
+            timed_out: false,
         })
     }
 
     fn lost(&mut self, why: String) {
         self.open = None;
         self.next_try = Instant::now() + self.backoff;
-        self.report(Reported::Down(why));
+        let _ = self.report(Reported::Down(why));
     }
+}
+
+/// The format asked of the device: a fresh request, not the device's current format with the
+/// size and code changed. Stride and image size 0 let the driver compute them for the new
+/// format; carried over from the previous one (a larger RGB24 stride, say), a driver that
+/// honours padded strides (vivid does) keeps it, and the frames come with the old format's
+/// line length. Progressive only: the converters know no interlaced field orders.
+fn requested_format(format: PixelFormat, width: u32, height: u32) -> v4l::Format {
+    let mut f = v4l::Format::new(width, height, v4l::FourCC::new(&format.fourcc()));
+    f.field_order = v4l::format::FieldOrder::Progressive;
+    f
 }
 
 impl FrameSource for Camera {
@@ -216,7 +234,7 @@ impl FrameSource for Camera {
                     }
                     self.open = Some(o);
                     self.backoff = BACKOFF_MIN;
-                    self.report(Reported::Streaming);
+                    let _ = self.report(Reported::Streaming);
                 }
                 Err(why) => {
                     self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
@@ -227,7 +245,18 @@ impl FrameSource for Camera {
         }
         let stall = self.cfg.stall;
         let o = self.open.as_mut().expect("opened above");
-        let result = o.stream.next().map(|(buf, meta)| {
+        // `MmapStream::next` first gives back the buffer it dequeued last. After a timeout
+        // that buffer is still queued, and queueing it again fails with EINVAL: on a real
+        // driver every gap longer than the poll timeout (a signal dropout, a stalled source)
+        // became "capture failed: Invalid argument" and a reopen, so a stall was never seen
+        // as one. After a timeout a buffer is dequeued first (its frame is skipped: `next`
+        // gives it back), then streaming goes on.
+        let resumed = if o.timed_out {
+            CaptureStream::dequeue(&mut o.stream).map(|_| o.timed_out = false)
+        } else {
+            Ok(())
+        };
+        let result = resumed.and_then(|()| o.stream.next()).map(|(buf, meta)| {
             let captured = Instant::now();
             let used = (meta.bytesused as usize).min(buf.len());
             let r = pixfmt::convert(
@@ -256,6 +285,7 @@ impl FrameSource for Camera {
                 }))
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                o.timed_out = true;
                 if o.last_frame.elapsed() >= stall {
                     self.lost(format!(
                         "stalled, no frame for {:.1} s while open: reopening",
@@ -321,6 +351,29 @@ mod tests {
             Reported::Down(why) => assert!(why.contains("no such device"), "{why}"),
             r => panic!("{r:?}"),
         }
+    }
+
+    #[test]
+    fn a_device_that_goes_away_is_logged_once_whatever_the_next_error() {
+        let mut c = cam("/dev/v4l/by-id/polypwatch-test-missing");
+        assert!(c.report(Reported::Streaming));
+        assert!(c.report(Reported::Down("unplugged (ENODEV)".into())));
+        assert!(!c.report(Reported::Down("no such device".into())));
+        assert!(!c.report(Reported::Down("permission denied".into())));
+        assert!(c.report(Reported::Streaming));
+        assert!(c.report(Reported::Down("unplugged (ENODEV)".into())));
+    }
+
+    #[test]
+    fn a_format_request_leaves_stride_and_size_to_the_driver() {
+        let f = requested_format(PixelFormat::Nv12, 1280, 1024);
+        assert_eq!((f.width, f.height), (1280, 1024));
+        assert_eq!(f.fourcc.repr, *b"NV12");
+        assert_eq!((f.stride, f.size), (0, 0));
+        assert!(matches!(
+            f.field_order,
+            v4l::format::FieldOrder::Progressive
+        ));
     }
 
     #[test]

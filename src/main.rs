@@ -659,9 +659,22 @@ fn main() -> std::process::ExitCode {
     match dispatch() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("polypwatch: {}", one_line(&e));
+            let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+            eprintln!("{}", fatal_line(&one_line(&e), journal));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The line a fatal error ends the process with. Under systemd stderr goes to the journal as
+/// info unless the line starts with a syslog level prefix: the one line saying why the
+/// service cannot start (a missing required GPIO line, an unreadable config) was filed as
+/// info, invisible to `journalctl -p err`. `<3>` (err) is read and stripped by journald.
+fn fatal_line(msg: &str, journal: bool) -> String {
+    if journal {
+        format!("<3>polypwatch: {msg}")
+    } else {
+        format!("polypwatch: {msg}")
     }
 }
 
@@ -693,5 +706,16 @@ fn dispatch() -> Result<()> {
             clips,
         }) => eval_alerts(&model, config.as_deref(), fps, json.as_deref(), &clips),
         Some(Command::Model { action }) => model_cmd(action),
+    }
+}
+
+#[cfg(test)]
+mod fatal_tests {
+    use super::fatal_line;
+
+    #[test]
+    fn a_fatal_error_is_an_err_line_in_the_journal_and_plain_on_a_terminal() {
+        assert_eq!(fatal_line("no line", true), "<3>polypwatch: no line");
+        assert_eq!(fatal_line("no line", false), "polypwatch: no line");
     }
 }
