@@ -224,6 +224,11 @@ pub struct TrainSection {
     /// L2 weight decay (Adam), 0 for none.
     #[serde(default)]
     pub weight_decay: f64,
+    /// Weights to start from instead of a random initialisation: a `.bpk` of this same
+    /// architecture, e.g. an earlier run's `best.bpk` (fine-tuning, a warm restart of the
+    /// schedule). Relative to the working directory, like the data roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<std::path::PathBuf>,
     /// Weight of the binary cross-entropy term of the loss.
     pub bce_weight: f64,
     /// Weight of the soft Dice term of the loss.

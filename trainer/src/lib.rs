@@ -5,10 +5,12 @@
 //! separate files; preprocessing, datasets and metrics come from the `polypwatch` library so
 //! that training and inference cannot drift apart.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod kernels;
 pub mod model;
 pub mod onnx;
 pub mod operating;

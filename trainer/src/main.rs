@@ -36,6 +36,9 @@ enum Command {
         /// Number of epochs, overriding [train] epochs.
         #[arg(long)]
         epochs: Option<usize>,
+        /// Start from these weights (an earlier run's best.bpk), overriding [train] init.
+        #[arg(long)]
+        init: Option<PathBuf>,
         /// Use at most N training images (smoke runs).
         #[arg(long)]
         max_images: Option<usize>,
@@ -97,6 +100,31 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         calib_images: usize,
     },
+    /// Time training steps of a configuration's network on a fixed synthetic batch (threads:
+    /// RAYON_NUM_THREADS); bench/train_compare.sh runs it beside PyTorch.
+    Bench {
+        /// Training configuration (network, batch size, crop, loss, Adam).
+        #[arg(long)]
+        config: PathBuf,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        /// Burn's own convolution and batch-norm training kernels instead of polypwatch's.
+        #[arg(long)]
+        burn_kernels: bool,
+        /// Compute backend.
+        #[arg(long, value_enum, default_value = "flex")]
+        backend: Backend,
+        /// Seed of the weights and the batch.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Print the report as JSON (with every step's loss).
+        #[arg(long)]
+        json: bool,
+    },
     /// Create an ed25519 key pair for signing models: FILE (secret) and FILE.pub.
     Keygen {
         /// Secret key file to create (never overwritten).
@@ -136,6 +164,7 @@ fn main() -> Result<()> {
             backend,
             data,
             epochs,
+            init,
             max_images,
             stop_after,
             quiet,
@@ -150,6 +179,7 @@ fn main() -> Result<()> {
                 backend,
                 data,
                 epochs,
+                init,
                 max_images,
                 stop_after,
                 quiet,
@@ -305,6 +335,43 @@ fn main() -> Result<()> {
                     m.display(),
                     key.public().id(),
                     sig.display()
+                );
+            }
+        }
+        Command::Bench {
+            config,
+            warmup,
+            steps,
+            burn_kernels,
+            backend,
+            seed,
+            json,
+        } => {
+            let cfg = polypwatch_train::config::TrainConfig::load(&config)?;
+            let opts = polypwatch_train::bench::BenchOptions {
+                warmup,
+                steps,
+                burn_kernels,
+                backend,
+                seed,
+            };
+            let r = polypwatch_train::bench::bench(&cfg, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} ({} parameters), batch {} of {}x{}, {} threads, {} kernels: {:.2} images/s \
+                     (median step {:.3} s over {} steps)",
+                    r.architecture,
+                    r.parameters,
+                    r.batch,
+                    r.crop,
+                    r.crop,
+                    r.threads,
+                    r.kernels,
+                    r.images_per_s,
+                    r.step_s_median,
+                    r.steps
                 );
             }
         }

@@ -70,6 +70,8 @@ pub struct TrainOptions {
     pub data: Option<PathBuf>,
     /// Overrides `[train] epochs`.
     pub epochs: Option<usize>,
+    /// Overrides `[train] init` (weights to start from).
+    pub init: Option<PathBuf>,
     /// Uses at most this many training (and validation) images: for smoke runs.
     pub max_images: Option<usize>,
     /// Stop after this many epochs of this invocation, as if killed (resume later).
@@ -335,6 +337,9 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     if let Some(e) = opts.epochs {
         cfg.train.epochs = e;
     }
+    if let Some(w) = &opts.init {
+        cfg.train.init = Some(w.clone());
+    }
     std::fs::create_dir_all(&run.0).with_context(|| format!("creating {}", run.0.display()))?;
     let mut state = RunState::default();
     let checkpoint = if opts.resume {
@@ -347,6 +352,8 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         let saved = TrainConfig::load(&run.config())?;
         let mut cmp = saved.clone();
         cmp.train.epochs = cfg.train.epochs;
+        // The checkpoint's weights replace the starting ones.
+        cmp.train.init = cfg.train.init.clone();
         if let Some(root) = &opts.data {
             cmp.set_data_root(root);
         }
@@ -451,12 +458,19 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     let device = opts.backend.device()?;
     device.seed(cfg.data.seed);
     let device = device.autodiff();
+    crate::kernels::set_enabled(opts.backend == Backend::Flex);
     let mut model = DeepLab::new(&cfg.model, &device);
     let mut adam = AdamConfig::new();
     if cfg.train.weight_decay > 0.0 {
         adam = adam.with_weight_decay(Some(WeightDecayConfig::new(cfg.train.weight_decay as f32)));
     }
     let mut optim = adam.init();
+    if let (None, Some(init)) = (&checkpoint, &cfg.train.init) {
+        model = load_model(&cfg, init, &device).context(
+            "[train] init must be a .bpk of this architecture (an earlier run's best.bpk)",
+        )?;
+        eprintln!("starting from the weights in {}", init.display());
+    }
     if let Some(ck) = &checkpoint {
         model = load_model(&cfg, &ck.join("model.bpk"), &device)?;
         optim = optim

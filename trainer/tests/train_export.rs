@@ -73,6 +73,7 @@ fn opts(config: &Path, out: &Path, stop_after: Option<usize>, resume: bool) -> T
         backend: Backend::Flex,
         data: None,
         epochs: None,
+        init: None,
         max_images: None,
         stop_after,
         quiet: true,

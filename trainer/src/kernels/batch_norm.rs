@@ -1,0 +1,246 @@
+//! Training-mode batch norm in two passes over the activation, forward and backward.
+//!
+//! Flex runs Burn's generic `batch_norm_train` and its backward as compositions of swaps,
+//! reshapes, reductions and broadcasts (about ten passes each way, 10 % of a step). Here the
+//! forward is one pass for the statistics and one for the output; the backward one pass for
+//! the two per-channel sums and one for the input gradient. Same formulas as Burn's: biased
+//! variance of the centred input, `dx = gamma / std * (dy - mean(dy) - xhat * mean(dy xhat))`.
+
+use burn::backend::AutodiffBackend;
+use burn::backend::Dispatch;
+use burn::backend::Flex;
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::nn::BatchNorm;
+use burn::tensor::{Shape, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::TrainOps;
+
+/// `BatchNorm::forward` in training mode (batch statistics, running statistics updated with the
+/// layer's momentum), through the fused kernel where [`super::enabled`], else through Burn.
+pub fn batch_norm_train(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if !super::enabled() || !x.device().is_autodiff() {
+        return bn.forward(x);
+    }
+    let (y, mean, var) = <Dispatch as TrainOps>::batch_norm_fused(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+    );
+    let (mean, var) = (
+        Tensor::<1>::from_dispatch(mean),
+        Tensor::<1>::from_dispatch(var),
+    );
+    let device = mean.device();
+    let m = bn.momentum;
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
+    bn.running_mean.update(
+        running_mean
+            .mul_scalar(1.0 - m)
+            .add(mean.detach().mul_scalar(m))
+            .detach(),
+    );
+    bn.running_var.update(
+        running_var
+            .mul_scalar(1.0 - m)
+            .add(var.detach().mul_scalar(m))
+            .detach(),
+    );
+    Tensor::from_dispatch(y)
+}
+
+/// NCHW as (images, channels, pixels per plane).
+fn dims(x: &FlexTensor) -> (usize, usize, usize) {
+    let s = x.layout().shape();
+    let hw = s.num_elements() / (s[0] * s[1]).max(1);
+    (s[0], s[1], hw)
+}
+
+fn vec1(v: Vec<f32>) -> FlexTensor {
+    let n = v.len();
+    FlexTensor::from_data(TensorData::new(v, Shape::new([n])))
+}
+
+/// Per-channel mean and biased variance (two passes, f64 accumulation).
+fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let count = (n * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = (0..n).map(|i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
+            let sum: f64 = planes
+                .clone()
+                .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
+                .sum();
+            let mean = sum / count;
+            let sq: f64 = planes
+                .map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
+                .sum();
+            (mean as f32, (sq / count) as f32)
+        })
+        .unzip()
+}
+
+/// Forward on Flex: (output, mean, variance).
+pub(super) fn forward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    epsilon: f64,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let x = x.to_contiguous();
+    let (n, c, hw) = dims(&x);
+    let xs = x.storage::<f32>();
+    let (mean, var) = stats(xs, n, c, hw);
+    let gamma = gamma.to_contiguous();
+    let beta = beta.to_contiguous();
+    let (g, b) = (gamma.storage::<f32>(), beta.storage::<f32>());
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(hw)
+        .zip(xs.par_chunks(hw))
+        .enumerate()
+        .for_each(|(plane, (o, i))| {
+            let ch = plane % c;
+            let scale = g[ch] / (var[ch] as f64 + epsilon).sqrt() as f32;
+            let shift = b[ch] - mean[ch] * scale;
+            for (o, &v) in o.iter_mut().zip(i) {
+                *o = v * scale + shift;
+            }
+        });
+    let shape = x.layout().shape().clone();
+    (
+        FlexTensor::from_data(TensorData::new(out, shape)),
+        vec1(mean),
+        vec1(var),
+    )
+}
+
+/// Backward on Flex: (dx, dgamma, dbeta).
+fn backward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f64,
+    dy: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let dy = dy.to_contiguous();
+    let (n, c, hw) = dims(x);
+    let (xs, dys) = (x.storage::<f32>(), dy.storage::<f32>());
+    let gamma = gamma.to_contiguous();
+    let g = gamma.storage::<f32>();
+    let inv_std: Vec<f32> = var
+        .iter()
+        .map(|&v| 1.0 / (v as f64 + epsilon).sqrt() as f32)
+        .collect();
+    // Per channel: sum(dy) (the beta gradient) and sum(dy * xhat) (the gamma gradient).
+    let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s, mut sx) = (0f64, 0f64);
+            for i in 0..n {
+                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                for (&d, &v) in dys[r.clone()].iter().zip(&xs[r]) {
+                    s += d as f64;
+                    sx += d as f64 * ((v - mean[ch]) * inv_std[ch]) as f64;
+                }
+            }
+            (s as f32, sx as f32)
+        })
+        .unzip();
+    let count = (n * hw) as f32;
+    let mut dx = vec![0f32; xs.len()];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
+        let ch = plane % c;
+        let r = plane * hw..(plane + 1) * hw;
+        let scale = g[ch] * inv_std[ch];
+        let (md, mdx) = (dbeta[ch] / count, dgamma[ch] / count);
+        for ((o, &d), &v) in out.iter_mut().zip(&dys[r.clone()]).zip(&xs[r]) {
+            let xhat = (v - mean[ch]) * inv_std[ch];
+            *o = scale * (d - md - xhat * mdx);
+        }
+    });
+    let shape = x.layout().shape().clone();
+    (
+        FlexTensor::from_data(TensorData::new(dx, shape)),
+        vec1(dgamma),
+        vec1(dbeta),
+    )
+}
+
+#[derive(Debug)]
+struct BatchNormFused;
+
+impl Backward<Flex, 3> for BatchNormFused {
+    // Input, gamma, batch mean and variance, epsilon.
+    type State = (FlexTensor, FlexTensor, Vec<f32>, Vec<f32>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, gamma, mean, var, eps) = ops.state;
+        let (dx, dgamma, dbeta) = backward(&x, &gamma, &mean, &var, eps, grad);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, dgamma);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, dbeta);
+        }
+    }
+}
+
+/// Output, mean and variance.
+type Triple<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+/// Forward on `Autodiff<Flex>`, recording [`BatchNormFused`]; the statistics are untracked.
+pub(super) fn autodiff_forward<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    gamma: FloatTensor<Autodiff<Flex, C>>,
+    beta: FloatTensor<Autodiff<Flex, C>>,
+    epsilon: f64,
+) -> Triple<Autodiff<Flex, C>> {
+    match BatchNormFused
+        .prepare::<C>([x.node(), gamma.node(), beta.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (x, gamma) = (x.into_primitive().to_contiguous(), gamma.into_primitive());
+            let (y, mean, var) = forward(x.clone(), gamma.clone(), beta.into_primitive(), epsilon);
+            let (m, v) = (
+                mean.storage::<f32>().to_vec(),
+                var.storage::<f32>().to_vec(),
+            );
+            let y = prep.finish((x, gamma, m, v, epsilon), y);
+            (
+                y,
+                <Autodiff<Flex, C> as AutodiffBackend>::from_inner(mean),
+                <Autodiff<Flex, C> as AutodiffBackend>::from_inner(var),
+            )
+        }
+        OpsKind::UnTracked(prep) => {
+            let (y, mean, var) = forward(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                epsilon,
+            );
+            (
+                prep.finish(y),
+                <Autodiff<Flex, C> as AutodiffBackend>::from_inner(mean),
+                <Autodiff<Flex, C> as AutodiffBackend>::from_inner(var),
+            )
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Training kernels for the Flex CPU backend that Burn's generic implementations leave slow,
+//! added through Burn's backend-extension API (a backend trait of our own, implemented for
+//! `Flex` and for `Autodiff<Flex>` with a hand-written backward), not by patching Burn.
+//!
+//! - [`conv2d`]: Flex's convolution forward and input gradient, with a direct weight gradient
+//!   (one matrix product of the output gradient with the input's column layout) in place of
+//!   Burn's generic one, which runs it as a convolution with batch and channels swapped.
+//! - [`batch_norm_train`]: batch statistics, normalisation and its backward in two passes over
+//!   the activation, in place of a dozen element-wise and reduction passes.
+//!
+//! The kernels are on only where [`set_enabled`] turned them on (the trainer does on the Flex
+//! backend); elsewhere the same functions call Burn's own operations, so tests can compare the
+//! two on one thread.
+
+mod batch_norm;
+mod conv;
+
+use std::cell::Cell;
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Dispatch, backend_extension};
+use burn::tensor::Tensor;
+#[cfg(test)]
+use burn::tensor::TensorData;
+use burn::tensor::ops::ConvOptions;
+
+pub use batch_norm::batch_norm_train;
+pub use conv::{
+    forward as conv_forward, input_grad as conv_input_grad, weight_grad as conv_weight_grad,
+};
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Turns the kernels on or off for graphs built on this thread from now on. Only for the Flex
+/// backend: another backend would panic on them.
+pub fn set_enabled(on: bool) {
+    ENABLED.with(|e| e.set(on));
+}
+
+/// Whether this thread builds graphs with the kernels.
+pub fn enabled() -> bool {
+    ENABLED.with(|e| e.get())
+}
+
+/// The operations this module adds to a backend.
+#[backend_extension(Flex, Autodiff)]
+pub trait TrainOps: burn::backend::Backend {
+    /// 2-D convolution without bias (forward as the backend's own).
+    fn conv2d_direct(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// Batch norm with the batch's own statistics: (output, mean, biased variance).
+    fn batch_norm_fused(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// A 2-D convolution without bias: the direct weight gradient where [`enabled`], else Burn's.
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, options: ConvOptions<2>) -> Tensor<4> {
+    if !enabled() {
+        return burn::tensor::module::conv2d(x, weight, None, options);
+    }
+    Tensor::from_dispatch(<Dispatch as TrainOps>::conv2d_direct(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        options,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::BatchNormConfig;
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    /// Forward output and gradients of `f` on `inputs`, kernels on or off.
+    fn run(
+        on: bool,
+        inputs: &[Tensor<4>],
+        f: &dyn Fn(&[Tensor<4>]) -> Tensor<4>,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        set_enabled(on);
+        // Fresh leaves, so each run has its own graph.
+        let xs: Vec<Tensor<4>> = inputs
+            .iter()
+            .map(|t| Tensor::from_data(t.to_data(), &t.device()).require_grad())
+            .collect();
+        let y = f(&xs);
+        // A fixed random projection, so every output element gets its own gradient.
+        let r = Tensor::<4>::from_data(
+            TensorData::new(
+                (0..y.shape().num_elements())
+                    .map(|i| ((i * 7919) % 13) as f32 / 6.0 - 1.0)
+                    .collect::<Vec<_>>(),
+                y.shape(),
+            ),
+            &y.device(),
+        );
+        let grads = (y.clone() * r).sum().backward();
+        let out = y.into_data().try_to_vec::<f32>().unwrap();
+        let gs = xs
+            .iter()
+            .map(|x| {
+                x.grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        set_enabled(false);
+        (out, gs)
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * scale,
+                "{what}[{i}]: {x} vs Burn's {y} (scale {scale})"
+            );
+        }
+    }
+
+    fn compare(inputs: &[Tensor<4>], f: &dyn Fn(&[Tensor<4>]) -> Tensor<4>, what: &str) {
+        let (y1, g1) = run(true, inputs, f);
+        let (y0, g0) = run(false, inputs, f);
+        close(&y1, &y0, &format!("{what} output"));
+        for (k, (a, b)) in g1.iter().zip(&g0).enumerate() {
+            close(a, b, &format!("{what} gradient {k}"));
+        }
+    }
+
+    fn random(shape: [usize; 4], device: &Device) -> Tensor<4> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    #[test]
+    fn convolution_matches_burn() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        // (input, weight, stride, pad, dilation): the network's shapes in small, including a
+        // stem, strided, pointwise and dilated taps that reach past the map.
+        let cases = [
+            ([2, 3, 17, 15], [5, 3, 7, 7], 2, 3, 1),
+            ([2, 4, 9, 9], [6, 4, 3, 3], 1, 1, 1),
+            ([3, 4, 9, 8], [6, 4, 3, 3], 2, 1, 1),
+            ([2, 6, 7, 7], [3, 6, 1, 1], 1, 0, 1),
+            ([1, 6, 7, 7], [3, 6, 1, 1], 1, 0, 1),
+            ([2, 6, 8, 8], [4, 6, 1, 1], 2, 0, 1),
+            // The image-pooling branch: a 1x1 map.
+            ([3, 6, 1, 1], [4, 6, 1, 1], 1, 0, 1),
+            ([2, 5, 6, 6], [4, 5, 3, 3], 1, 2, 2),
+            ([2, 5, 6, 6], [4, 5, 3, 3], 1, 12, 12),
+            // Large enough for the tiled weight gradient, tiles ending mid-row.
+            ([2, 32, 96, 96], [8, 32, 3, 3], 1, 1, 1),
+            ([2, 8, 200, 200], [4, 8, 7, 7], 2, 3, 1),
+        ];
+        for (xs, ws, s, p, d) in cases {
+            let inputs = [random(xs, &device), random(ws, &device)];
+            let opts = ConvOptions::new([s, s], [p, p], [d, d], 1);
+            compare(
+                &inputs,
+                &|t| conv2d(t[0].clone(), t[1].clone(), opts.clone()),
+                &format!("conv {xs:?} {ws:?} s{s} p{p} d{d}"),
+            );
+        }
+    }
+
+    #[test]
+    fn batch_norm_matches_burn() {
+        let device = Device::flex().autodiff();
+        device.seed(4);
+        let x = random([3, 5, 6, 7], &device)
+            .mul_scalar(3.0)
+            .add_scalar(1.5);
+        let g = Tensor::<1>::random([5], Distribution::Normal(1.0, 0.5), &device);
+        let b = Tensor::<1>::random([5], Distribution::Normal(0.0, 0.5), &device);
+        let bn_run = |on: bool| {
+            set_enabled(on);
+            let leaf1 = |t: &Tensor<1>| Tensor::<1>::from_data(t.to_data(), &device);
+            let mut bn = BatchNormConfig::new(5).init(&device);
+            bn.gamma = burn::module::Param::from_tensor(leaf1(&g));
+            bn.beta = burn::module::Param::from_tensor(leaf1(&b));
+            let xl = Tensor::<4>::from_data(x.to_data(), &device).require_grad();
+            let y = batch_norm_train(&bn, xl.clone());
+            let r = y.clone().sin();
+            let grads = (y.clone() * r.detach()).sum().backward();
+            set_enabled(false);
+            let v = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+            (
+                y.into_data().try_to_vec::<f32>().unwrap(),
+                xl.grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+                v(bn.gamma.val().grad(&grads).unwrap()),
+                v(bn.beta.val().grad(&grads).unwrap()),
+            )
+        };
+        let (on, off) = (bn_run(true), bn_run(false));
+        close(&on.0, &off.0, "batch norm output");
+        close(&on.1, &off.1, "batch norm input gradient");
+        close(&on.2, &off.2, "batch norm gamma gradient");
+        close(&on.3, &off.3, "batch norm beta gradient");
+        let inputs = [x];
+        // The running statistics move the same way.
+        let stats = |on: bool| {
+            set_enabled(on);
+            let bn = BatchNormConfig::new(5).init(&device);
+            let _ = batch_norm_train(&bn, inputs[0].clone());
+            set_enabled(false);
+            let m = bn
+                .running_mean
+                .value()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let v = bn
+                .running_var
+                .value()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            (m, v)
+        };
+        let ((m1, v1), (m0, v0)) = (stats(true), stats(false));
+        close(&m1, &m0, "running mean");
+        close(&v1, &v0, "running variance");
+    }
+}
