@@ -60,7 +60,7 @@ fn main() {
         (1, [8, 176, 48, 48], [64, 176, 3, 3], 1, 1, 1),
         (1, [8, 64, 48, 48], [64, 64, 3, 3], 1, 1, 1),
     ];
-    let mut totals = [0f64; 4];
+    let mut totals = [0f64; 6];
     println!(
         "layer                                   fwd ms  xgrad ms  wgrad ms  burn-wgrad ms   fwd GFLOP/s"
     );
@@ -134,7 +134,7 @@ fn main() {
             mine_x * 1e3
         );
         let c = count as f64;
-        for (t, v) in totals.iter_mut().zip([f, xg, wg, bw]) {
+        for (t, v) in totals.iter_mut().zip([f, xg, bw, mine, mine_x, wg]) {
             *t += c * v;
         }
         println!(
@@ -147,10 +147,15 @@ fn main() {
         );
     }
     println!(
-        "step total: forward {:.0} ms, input gradient {:.0} ms, weight gradient {:.0} ms (Burn's: {:.0} ms)",
+        "step total, Flex/Burn: forward {:.0} ms, input gradient {:.0} ms, weight gradient {:.0} ms",
         totals[0] * 1e3,
         totals[1] * 1e3,
-        totals[2] * 1e3,
-        totals[3] * 1e3
+        totals[2] * 1e3
+    );
+    println!(
+        "step total, polypwatch: forward {:.0} ms, input gradient {:.0} ms, weight gradient {:.0} ms",
+        totals[3] * 1e3,
+        totals[4] * 1e3,
+        totals[5] * 1e3
     );
 }

@@ -308,6 +308,16 @@ fn im2col_span(x: &[f32], g: &Geometry, r: usize, n: usize, p0: usize, row: &mut
     let (ky, kx) = (k / g.kw, k % g.kw);
     let off_y = (ky * g.dilation[0]) as isize - g.pad[0] as isize;
     let off_x = (kx * g.dilation[1]) as isize - g.pad[1] as isize;
+    let (sx, sy) = (g.stride[1] as isize, g.stride[0] as isize);
+    // The output columns whose tap lands inside the input row, the same for every output row:
+    // 0 <= ox * sx + off_x < w.
+    let lo = ((-off_x).max(0) + sx - 1) / sx;
+    let hi = ((g.w as isize - off_x).max(0) + sx - 1) / sx;
+    let (lo, hi) = (
+        lo.min(g.ow as isize) as usize,
+        hi.min(g.ow as isize) as usize,
+    );
+    let hi = hi.max(lo);
     let plane = &x[(n * g.c + c) * g.h * g.w..(n * g.c + c + 1) * g.h * g.w];
     let end = p0 + row.len();
     let mut t = p0;
@@ -316,30 +326,26 @@ fn im2col_span(x: &[f32], g: &Geometry, r: usize, n: usize, p0: usize, row: &mut
         let ox1 = g.ow.min(ox0 + end - t);
         let dst = &mut row[t - p0..t - p0 + (ox1 - ox0)];
         t += ox1 - ox0;
-        let iy = (oy * g.stride[0]) as isize + off_y;
+        let iy = oy as isize * sy + off_y;
         if iy < 0 || iy >= g.h as isize {
             dst.fill(0.0);
             continue;
         }
         let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-        if g.stride[1] == 1 {
-            // Contiguous: copy the in-range span of output columns, zero the rest.
-            let lo = ((-off_x).max(0) as usize).clamp(ox0, ox1);
-            let hi = ((g.w as isize - off_x).max(0) as usize).clamp(lo, ox1);
-            dst[..lo - ox0].fill(0.0);
-            dst[hi - ox0..].fill(0.0);
-            if hi > lo {
-                let start = (lo as isize + off_x) as usize;
-                dst[lo - ox0..hi - ox0].copy_from_slice(&src[start..start + (hi - lo)]);
-            }
+        let (a, b) = (lo.clamp(ox0, ox1), hi.clamp(ox0, ox1));
+        dst[..a - ox0].fill(0.0);
+        dst[b - ox0..].fill(0.0);
+        let inner = &mut dst[a - ox0..b - ox0];
+        if inner.is_empty() {
+            continue;
+        }
+        let first = (a as isize * sx + off_x) as usize;
+        if sx == 1 {
+            inner.copy_from_slice(&src[first..first + inner.len()]);
         } else {
-            for (d, ox) in dst.iter_mut().zip(ox0..ox1) {
-                let ix = (ox * g.stride[1]) as isize + off_x;
-                *d = if ix < 0 || ix >= g.w as isize {
-                    0.0
-                } else {
-                    src[ix as usize]
-                };
+            let step = sx as usize;
+            for (d, s) in inner.iter_mut().zip(src[first..].iter().step_by(step)) {
+                *d = *s;
             }
         }
     }
