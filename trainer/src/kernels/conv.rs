@@ -110,20 +110,7 @@ pub fn weight_grad(
     let xs: [usize; 4] = x.layout().shape().dims();
     let ws: [usize; 4] = w.layout().shape().dims();
     let ys: [usize; 4] = dy.layout().shape().dims();
-    let geom = Geometry {
-        n: xs[0],
-        c: xs[1],
-        h: xs[2],
-        w: xs[3],
-        o: ws[0],
-        kh: ws[2],
-        kw: ws[3],
-        oh: ys[2],
-        ow: ys[3],
-        stride: options.stride,
-        pad: [options.padding[0].0, options.padding[1].0],
-        dilation: options.dilation,
-    };
+    let geom = Geometry::new(xs, ws, [ys[2], ys[3]], options);
     let out = weight_grad_f32(x.storage::<f32>(), dy.storage::<f32>(), &geom);
     FlexTensor::from_data(TensorData::new(out, Shape::new(ws)))
 }
@@ -167,6 +154,27 @@ const WHOLE_BATCH_MAX: usize = 3 << 20;
 const TILE_VALUES: usize = 1 << 17;
 /// Partial weight-gradient sums of the tiled path (work for up to this many threads).
 const PARTIAL_SUMS: usize = 4;
+
+impl Geometry {
+    /// From NCHW input and OIHW weight shapes, the output's height and width, and symmetric
+    /// options.
+    fn new(x: [usize; 4], w: [usize; 4], out: [usize; 2], options: &ConvOptions<2>) -> Self {
+        Geometry {
+            n: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            o: w[0],
+            kh: w[2],
+            kw: w[3],
+            oh: out[0],
+            ow: out[1],
+            stride: options.stride,
+            pad: [options.padding[0].0, options.padding[1].0],
+            dilation: options.dilation,
+        }
+    }
+}
 
 /// `dW = dY' x cols'`, with `dY'` `[O, N*P]` and `cols` `[C*KH*KW, N*P]` (P = output pixels).
 /// Small layers build the whole column layout and make one product with the batch inside its
@@ -434,37 +442,12 @@ pub fn forward(x: FlexTensor, w: FlexTensor, options: &ConvOptions<2>) -> FlexTe
     let w = w.to_contiguous();
     let xs: [usize; 4] = x.layout().shape().dims();
     let ws: [usize; 4] = w.layout().shape().dims();
-    let out_size = |i: usize, k: usize, s: usize, p: usize, d: usize| {
-        (i + 2 * p).saturating_sub(d * (k - 1) + 1) / s + 1
+    let out_size = |i: usize| {
+        let reach = options.dilation[i] * (ws[2 + i] - 1) + 1;
+        (xs[2 + i] + 2 * options.padding[i].0).saturating_sub(reach) / options.stride[i] + 1
     };
-    let oh = out_size(
-        xs[2],
-        ws[2],
-        options.stride[0],
-        options.padding[0].0,
-        options.dilation[0],
-    );
-    let ow = out_size(
-        xs[3],
-        ws[3],
-        options.stride[1],
-        options.padding[1].0,
-        options.dilation[1],
-    );
-    let g = Geometry {
-        n: xs[0],
-        c: xs[1],
-        h: xs[2],
-        w: xs[3],
-        o: ws[0],
-        kh: ws[2],
-        kw: ws[3],
-        oh,
-        ow,
-        stride: options.stride,
-        pad: [options.padding[0].0, options.padding[1].0],
-        dilation: options.dilation,
-    };
+    let (oh, ow) = (out_size(0), out_size(1));
+    let g = Geometry::new(xs, ws, [oh, ow], options);
     let out = forward_f32(x.storage::<f32>(), w.storage::<f32>(), &g);
     FlexTensor::from_data(TensorData::new(out, Shape::new([g.n, g.o, oh, ow])))
 }
