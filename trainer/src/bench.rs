@@ -41,9 +41,9 @@ pub struct BenchReport {
     pub batch: usize,
     /// Crop side in pixels.
     pub crop: usize,
-    /// Worker threads (rayon's pool).
+    /// Worker threads of rayon's pool (Flex; LibTorch takes OMP_NUM_THREADS).
     pub threads: usize,
-    /// `polypwatch` or `burn` kernels.
+    /// `polypwatch` kernels (Flex) or the backend's own (`burn`).
     pub kernels: &'static str,
     /// Timed steps.
     pub steps: usize,
@@ -89,7 +89,8 @@ pub fn bench(cfg: &TrainConfig, opts: &BenchOptions) -> Result<BenchReport> {
     let device = opts.backend.device()?;
     device.seed(opts.seed);
     let device = device.autodiff();
-    kernels::set_enabled(opts.backend == Backend::Flex && !opts.burn_kernels);
+    let ours = opts.backend == Backend::Flex && !opts.burn_kernels;
+    kernels::set_enabled(ours);
     let mut model = DeepLab::new(&cfg.model, &device);
     let mut adam = AdamConfig::new();
     if cfg.train.weight_decay > 0.0 {

@@ -34,6 +34,10 @@ pub enum Backend {
     Ndarray,
     /// burn-cuda on an NVIDIA GPU (build with `--features cuda`).
     Cuda,
+    /// LibTorch on the CPU (build with `--features tch` against an installed PyTorch).
+    Tch,
+    /// LibTorch on the first CUDA GPU (build with `--features tch` against a CUDA PyTorch).
+    TchCuda,
 }
 
 impl Backend {
@@ -46,11 +50,25 @@ impl Backend {
             Backend::Ndarray => Ok(Device::ndarray()),
             #[cfg(feature = "cuda")]
             Backend::Cuda => Ok(Device::cuda(0)),
+            // burn-tch is deprecated in Burn 0.22 but still the one GPU path that builds
+            // offline (against an installed PyTorch); README "Training speed".
+            #[cfg(feature = "tch")]
+            #[allow(deprecated)]
+            Backend::Tch => Ok(Device::libtorch()),
+            #[cfg(feature = "tch")]
+            #[allow(deprecated)]
+            Backend::TchCuda => Ok(Device::libtorch_cuda(0)),
             #[allow(unreachable_patterns)]
-            other => bail!(
-                "backend {other:?} is not compiled in: rebuild with `--features {}`",
-                format!("{other:?}").to_lowercase()
-            ),
+            other => {
+                let feature = match other {
+                    Backend::Tch | Backend::TchCuda => "tch",
+                    Backend::Cuda => "cuda",
+                    _ => "ndarray",
+                };
+                bail!(
+                    "backend {other:?} is not compiled in: rebuild polypwatch-train with `--features {feature}`"
+                )
+            }
         }
     }
 }
