@@ -173,6 +173,8 @@ if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "/tmp/$(basename "$DEB")"
   exit 1
 fi
 log "installed: $(dpkg-query -W polypwatch)"
+# The system test's model (run.sh says why not the shipped one), where the service can read it.
+mkdir -p /usr/local/share/polypwatch-system && cp "$P"/model/* /usr/local/share/polypwatch-system/
 # The packaged service started with the shipped config (vivid's capture node is /dev/video0).
 id polypwatch
 ls -l /dev/gpiochip* "$CAP" "$OUT"
@@ -184,7 +186,7 @@ KEY=""
 config() {
   cat >/etc/polypwatch/polypwatch.toml <<EOF
 [model]
-manifest = "/usr/share/polypwatch/models/polypwatch-edge-int8.toml"
+manifest = "/usr/local/share/polypwatch-system/polypwatch-system-int8.toml"
 
 [source]
 kind = "v4l2"

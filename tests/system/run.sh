@@ -193,6 +193,10 @@ gcc -O2 -Wall -o "$p/feeder" "$here/feeder.c"
 cp "${POLYPWATCH_SYSTEM_GUEST:-$here/guest.sh}" "$p/guest.sh"
 for f in "$repo"/demo/clip/frame_*.jpg; do djpeg -pnm "$f"; done >"$p/frames.ppm"
 cp "$repo/demo/clip/labels.csv" "$p/"
+# The daemon serves tests/system/model (the edge network at a quarter width and 96x96, made by
+# this trainer): under TCG the shipped 256x256 model takes 30-50 s a frame, this one ~100x less.
+sysm=$repo/tests/system/model
+mkdir -p "$p/model" && cp "$sysm"/polypwatch-system-int8.* "$p/model/"
 
 # POLYPWATCH_SYSTEM_SCALE: multiplies the guest's waits; POLYPWATCH_SYSTEM_WATCHDOG_SEC: a
 # drop-in WatchdogSec for hosts so slow (a loaded machine under TCG) that the first frame
@@ -202,21 +206,21 @@ cp "$repo/demo/clip/labels.csv" "$p/"
   echo "WATCHDOG_SEC=${POLYPWATCH_SYSTEM_WATCHDOG_SEC:-}"
 } >"$p/env"
 
-# A signed update bundle (the shipped int8 model as version +1 patch) and a tampered copy.
+# A signed update bundle (the served model as version +1 patch) and a tampered copy.
 train=$repo/target/release/polypwatch-train
 if [ -x "$train" ]; then
   b=$p/bundle && mkdir -p "$b/good" "$b/bad"
   "$train" keygen --out "$b/signing.key" >/dev/null
-  m=$repo/models/polypwatch-edge-int8
+  m=$sysm/polypwatch-system-int8
   ver=$(sed -n 's/^version = "\(.*\)"/\1/p' "$m.toml" | head -1)
   newver=${ver%.*}.$((${ver##*.} + 1))
   for d in good bad; do
     cp "$m.onnx" "$m.selftest.png" "$m.selftest-mask.png" "$b/$d/"
-    sed "s/^version = \"$ver\"/version = \"$newver\"/" "$m.toml" >"$b/$d/polypwatch-edge-int8.toml"
-    "$train" sign --key "$b/signing.key" "$b/$d/polypwatch-edge-int8.toml" >/dev/null
+    sed "s/^version = \"$ver\"/version = \"$newver\"/" "$m.toml" >"$b/$d/${m##*/}.toml"
+    "$train" sign --key "$b/signing.key" "$b/$d/${m##*/}.toml" >/dev/null
   done
   # Tampered after signing: one byte of the model changed.
-  printf '\x00' | dd of="$b/bad/polypwatch-edge-int8.onnx" bs=1 seek=4096 conv=notrunc status=none
+  printf '\x00' | dd of="$b/bad/${m##*/}.onnx" bs=1 seek=4096 conv=notrunc status=none
   echo "$newver" >"$b/version"
 else
   echo "note: $train missing (cargo build --release -p polypwatch-train): case 6 will fail"
