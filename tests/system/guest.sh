@@ -54,7 +54,8 @@ wait_for() {
 }
 line_value() { cat "$VALUE"; }
 line_is() { [ "$(cat "$VALUE")" = "$1" ]; }
-event_seen() { pj "$1" | jq -e "select(.POLYP_EVENT == \"$2\")" >/dev/null; }
+# jq 1.6's -e exits 0 on empty input, so a match is a printed line, not jq's status.
+event_seen() { pj "$1" | jq -c "select(.POLYP_EVENT == \"$2\")" | grep -q .; }
 msg_seen() { pmsg "$1" | grep -q -- "$2"; }
 prop() { systemctl show -P "$1" polypwatch; }
 
@@ -114,8 +115,11 @@ out_format() { v4l2-ctl -d "$OUT" --set-fmt-video-out=width=1280,height=1024,pix
 
 # Frame schedules (indices into frames.ppm = demo/clip in order).
 awk -F, 'NR > 1 { print NR - 2 }' "$P/labels.csv" >/tmp/clip.sched
-POS=35 # polyp well in view (labels.csv: 8.3 % of the frame)
-NEG=5  # polyp-free
+# The frame showing the most polyp (labels.csv), and the first polyp-free one.
+POS=$(awk -F, 'NR > 1 && $3 > m { m = $3; i = NR - 2 } END { print i }' "$P/labels.csv")
+NEG=$(awk -F, 'NR > 1 && $3 == 0 { print NR - 2; exit }' "$P/labels.csv")
+log "schedules: polyp frame $POS, polyp-free frame $NEG"
+for _ in $(seq 30); do echo $NEG; done >/tmp/neg.sched
 for _ in $(seq 30); do echo $POS; done >/tmp/pos.sched
 # Case 3: 20 polyp-free frames, then 20 with the polyp, repeated.
 { for _ in $(seq 20); do echo $NEG; done; for _ in $(seq 20); do echo $POS; done; } >/tmp/toggle.sched
@@ -141,7 +145,7 @@ for f in YUYV NV12 RGB3; do
   v4l2-ctl -d "$CAP" --set-fmt-video=width=1280,height=1024,pixelformat=$f
   FEEDER_DUMP=/tmp/fed.raw "$F" out "$OUT" "$P/frames.ppm" /tmp/pos.sched /tmp/loop.log loop 2>/dev/null &
   lp=$!
-  sleep 2
+  sleep 1
   v4l2-ctl -d "$CAP" --stream-mmap --stream-count=5 --stream-to=/tmp/cap.raw 2>/dev/null
   kill $lp; wait $lp 2>/dev/null
   sz=$(stat -c %s /tmp/fed.raw)
@@ -252,10 +256,14 @@ for fmt in yuyv:YUYV nv12:NV12 rgb24:RGB3; do
   out_format "${fmt#*:}" >/dev/null || { bad "$name" "vivid output refuses ${fmt#*:}"; continue; }
   : >"$R/line.log"
   watch_start
-  feed_start /tmp/clip.sched
+  # Polyp-free frames until the daemon is ready, then the clip from its first frame: the
+  # polyp comes into view 7 s in and leaves at 11 s.
+  feed_start /tmp/neg.sched
   config "${fmt%%:*}" "$GPIO_OK"
   c=$(cursor)
   systemctl start polypwatch
+  wait_for 60 msg_seen "$c" "ready: first frame processed"
+  feed_start /tmp/clip.sched
   if ! wait_for 90 event_seen "$c" end; then
     bad "$name" "no alert start and end in 90 s (state $(prop ActiveState), status: $(prop StatusText)): $(pmsg "$c" | tail -4 | tr '\n' '|')"
     continue
@@ -266,6 +274,8 @@ for fmt in yuyv:YUYV nv12:NV12 rgb24:RGB3; do
   s=$(pj "$c" | jq -c 'select(.POLYP_EVENT == "start")' | head -1)
   e=$(pj "$c" | jq -c 'select(.POLYP_EVENT == "end")' | head -1)
   missing=""
+  [ -n "$s" ] || missing+=" start:event"
+  [ -n "$e" ] || missing+=" end:event"
   for k in $fields_start; do jq -e --arg k "$k" 'has($k)' <<<"$s" >/dev/null || missing+=" start:$k"; done
   for k in $fields_end; do jq -e --arg k "$k" 'has($k)' <<<"$e" >/dev/null || missing+=" end:$k"; done
   fmtline=$(pmsg "$c" | grep -m1 "camera $CAP")
@@ -296,8 +306,8 @@ systemctl start polypwatch
 : >"$R/line.log"
 watch_start
 feed_start /tmp/toggle.sched
-# 6 polyp appearances, 4 s apart at 10 fps.
-wait_for 60 bash -c "[ \$(grep -c '^LINE 1' '$R/line.log') -ge 7 ]"
+# 5 polyp appearances, 4 s apart at 10 fps (the first, the service warming up, is skipped).
+wait_for 60 bash -c "[ \$(grep -c '^LINE 1' '$R/line.log') -ge 5 ]"
 feed_stop
 watch_stop
 cp "$R/feed.log" "$R/case3-feed.log"
@@ -354,12 +364,15 @@ pid0=$(prop MainPID)
 n0=$(prop NRestarts)
 feed_stop
 # rmmod while the daemon streams. The kernel refuses while a file is open on the node ("in
-# use"), so vivid's own "disconnect" control (a simulated unplug: the nodes go, open files get
-# ENODEV) comes first, then rmmod once the daemon has let go.
+# use"), and vivid's "disconnect" control is no unplug: vivid re-registers its nodes as soon
+# as the last file closes, and the daemon reopened the same device at once. Unbinding the
+# platform device is what a USB unplug does: the nodes go, open files get ENODEV; rmmod
+# follows once the daemon has let go.
 how="rmmod"
 if ! rm_out=$(rmmod vivid 2>&1); then
-  how="disconnect control, then rmmod ($rm_out)"
-  v4l2-ctl -d "$CAP" -c disconnect=1 >/dev/null 2>&1
+  dev=$(basename "$(ls -d /sys/bus/platform/drivers/vivid/vivid.* | head -1)")
+  how="unbind $dev from its driver, then rmmod ($rm_out)"
+  echo "$dev" >/sys/bus/platform/drivers/vivid/unbind
   # The module can go once the daemon has seen ENODEV and closed its file.
   for _ in $(seq $((15 * SCALE))); do
     sleep 1
@@ -368,7 +381,7 @@ if ! rm_out=$(rmmod vivid 2>&1); then
 fi
 lsmod | grep -q '^vivid ' && removed="no ($rm_out)" || removed=yes
 note "removal: $how"
-sleep 3
+sleep 2
 modprobe vivid n_devs=1 node_types=0x101
 vivid_setup
 out_format YUYV >/dev/null
@@ -473,5 +486,81 @@ if [ "$state" != active ] && [ "$nerr" = 1 ] && grep -q "no-such-line" <<<"$errs
 else
   bad "$name" "state $state; distinct error lines $nerr: $(tr '\n' '|' <<<"$errs")"
 fi
+
+# Issue 17's faults under the real service: outputs that stop taking lines must not stop the
+# frame loop (the GPIO line follows the polyp), and a full disk loses snapshots, not alerts.
+FAST_ALERT='[alert]
+raise_n = 1
+window_m = 1
+clear_k = 1
+min_hold_ms = 0'
+rises() { grep -c '^LINE 1' "$R/line.log"; }
+falls() { grep -c '^LINE 0' "$R/line.log"; }
+
+# ---- 9. journald stops taking records --------------------------------------------------------
+name="9 journal blocked: the line follows the polyp, records resume"
+log "case $name"
+config yuyv "$GPIO_OK
+$FAST_ALERT"
+c=$(cursor)
+feed_start /tmp/neg.sched
+systemctl restart polypwatch
+wait_for 60 msg_seen "$c" "ready: first frame processed"
+: >"$R/line.log"
+watch_start
+feed_start /tmp/toggle.sched
+# SIGSTOP: journald's socket fills and every send to it blocks, as with a journal on a hung
+# disk. Nothing in this window may log through journald (this script's output goes there).
+jpid=$(systemctl show -P MainPID systemd-journald)
+kill -STOP "$jpid"
+wait_for 40 bash -c "[ \$(grep -c '^LINE 1' '$R/line.log') -ge 3 ] && [ \$(grep -c '^LINE 0' '$R/line.log') -ge 4 ]"
+up=$(rises)
+down=$(falls)
+state=$(prop ActiveState)
+pid1=$(prop MainPID)
+kill -CONT "$jpid"
+feed_stop
+watch_stop
+resumed=no
+wait_for 30 event_seen "$c" start && resumed=yes
+if [ "$up" -ge 3 ] && [ "$down" -ge 4 ] && [ "$state" = active ] && [ $resumed = yes ]; then
+  ok "$name" "journald stopped: line high $up x, low $down x (incl. initial), service active; journal records again after SIGCONT$(pmsg "$c" | grep -m1 'records dropped' | sed 's/^/; /')"
+else
+  bad "$name" "journald stopped: line high $up x, low $down x, state $state (pid $pid1); records after SIGCONT: $resumed"
+fi
+
+# ---- 10. the disk is full ----------------------------------------------------------------------
+name="10 full disk: snapshots fail, alerts go on"
+log "case $name"
+systemctl stop polypwatch
+S=/var/lib/polypwatch/snapshots
+mkdir -p $S
+mount -t tmpfs -o size=64k,mode=0750 tmpfs $S
+chown polypwatch:polypwatch $S
+dd if=/dev/zero of=$S/fill bs=4k 2>/dev/null
+chown polypwatch:polypwatch $S/fill
+c=$(cursor)
+feed_start /tmp/neg.sched
+systemctl start polypwatch
+wait_for 60 msg_seen "$c" "ready: first frame processed"
+: >"$R/line.log"
+watch_start
+feed_start /tmp/toggle.sched
+wait_for 40 bash -c "[ \$(grep -c '^LINE 1' '$R/line.log') -ge 2 ] && [ \$(grep -c '^LINE 0' '$R/line.log') -ge 3 ]"
+wait_for 10 event_seen "$c" end
+feed_stop
+watch_stop
+up=$(rises)
+down=$(falls)
+failed=$(pmsg "$c" | grep -c 'cannot save snapshot')
+starts=$(pj "$c" | jq -c 'select(.POLYP_EVENT == "start")' | wc -l)
+if [ "$up" -ge 2 ] && [ "$down" -ge 3 ] && [ "$failed" -ge 1 ] && [ "$starts" -ge 2 ] &&
+  [ "$(prop ActiveState)" = active ]; then
+  ok "$name" "line high $up x, $starts journal starts, $failed snapshot failures: $(pmsg "$c" | grep -m1 'cannot save snapshot' | cut -c1-120)"
+else
+  bad "$name" "line high $up x, low $down x, journal starts $starts, snapshot failures $failed, state $(prop ActiveState); $(pmsg "$c" | grep -iv timing | tail -4 | tr '\n' '|')"
+fi
+systemctl stop polypwatch
+umount $S
 feed_stop
 log "done"
