@@ -10,10 +10,12 @@
  *     one frame index a line; each is queued in turn and the node's own frame rate paces
  *     them. LOG gets "QUEUED <index> <CLOCK_MONOTONIC ns>" for every frame queued, so the
  *     test knows when a frame reached the output node. With "loop" the schedule repeats
- *     until SIGTERM.
+ *     until SIGTERM. With FEEDER_HOLD set, the schedule's first frame is shown until SIGUSR1,
+ *     then the schedule plays: the frames are converted (slow under TCG) before the test
+ *     needs them to start.
  *
  *   feeder watch VALUE_FILE LOG
- *     Polls a gpio-sim sysfs value file every 0.2 ms and writes "LINE <0|1> <ns>" to LOG at
+ *     Polls a gpio-sim sysfs value file every millisecond and writes "LINE <0|1> <ns>" to LOG at
  *     each change (and the initial value), same clock, until SIGTERM.
  */
 #define _GNU_SOURCE
@@ -30,8 +32,9 @@
 #include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t stop;
+static volatile sig_atomic_t stop, go;
 static void on_term(int sig) { (void)sig; stop = 1; }
+static void on_go(int sig) { (void)sig; go = 1; }
 
 static long long now_ns(void) {
   struct timespec ts;
@@ -191,7 +194,12 @@ static int feed(int argc, char **argv) {
   }
   unsigned queued = 0;
   int pos = 0, started = 0;
+  int holding = getenv("FEEDER_HOLD") != NULL;
   while (!stop) {
+    if (holding && go) {
+      holding = 0;
+      pos = 0;
+    }
     if (pos == ns) {
       if (!loop) break;
       pos = 0;
@@ -209,7 +217,7 @@ static int feed(int argc, char **argv) {
     b.field = V4L2_FIELD_NONE;
     if (xioctl(fd, VIDIOC_QBUF, &b) < 0) die("QBUF");
     fprintf(log, "QUEUED %d %lld\n", sched[pos], now_ns());
-    pos++;
+    if (!holding) pos++;
     if (!started && queued == req.count) {
       int type = V4L2_BUF_TYPE_VIDEO_OUTPUT;
       if (xioctl(fd, VIDIOC_STREAMON, &type) < 0) die("STREAMON");
@@ -238,7 +246,9 @@ static int watch(int argc, char **argv) {
   if (!log) die(argv[3]);
   setvbuf(log, NULL, _IOLBF, 0);
   int last = -1;
-  struct timespec nap = {0, 200000};
+  /* A millisecond is finer than anything measured here, and a tighter loop takes a vCPU
+     from the daemon under TCG. */
+  struct timespec nap = {0, 1000000};
   while (!stop) {
     int fd = open(argv[2], O_RDONLY);
     char c = 0;
@@ -258,6 +268,8 @@ int main(int argc, char **argv) {
   struct sigaction sa = {.sa_handler = on_term};
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
+  struct sigaction sg = {.sa_handler = on_go};
+  sigaction(SIGUSR1, &sg, NULL);
   if (argc > 1 && strcmp(argv[1], "out") == 0) return feed(argc, argv);
   if (argc > 1 && strcmp(argv[1], "watch") == 0) return watch(argc, argv);
   fprintf(stderr, "usage: feeder out|watch ...\n");

@@ -5,6 +5,8 @@
 # Prints "N passed, N failed"; exits non-zero on any failure.
 #
 #   tests/system/run.sh [--deb FILE]     (root, or sudo for apt; needs target/release/polypwatch)
+#   tests/system/run.sh --prepare        (only the kernel, module and rootfs, into the cache:
+#                                         .ci/run does this while cargo builds)
 #
 # Everything comes from Debian's packages: the kernel, headers and three files of
 # linux-source-6.1 (gpio-sim is not built in Debian's kernel: it is built out of tree here),
@@ -23,10 +25,12 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 deb=""
+prepare_only=no
 while [ $# -gt 0 ]; do
   case "$1" in
     --deb) deb=$2; shift 2 ;;
-    *) echo "usage: $0 [--deb FILE]" >&2; exit 2 ;;
+    --prepare) prepare_only=yes; shift ;;
+    *) echo "usage: $0 [--deb FILE] [--prepare]" >&2; exit 2 ;;
   esac
 done
 
@@ -164,6 +168,11 @@ EOF
   mv "$rootfs.tmp" "$rootfs"
   rm -rf "$r"
   stamp "rootfs: $(($(stat -c %s "$rootfs") / 1048576)) MiB"
+fi
+
+if [ $prepare_only = yes ]; then
+  stamp "prepared: kernel $kver, gpio-sim, rootfs in $cache"
+  exit 0
 fi
 
 # ---- payload: the .deb, frames, helpers, a signed update bundle ---------------------------
