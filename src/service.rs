@@ -15,7 +15,7 @@ use crate::detect::{Detection, Detector};
 use crate::gpio::GpioError;
 use crate::model::{ModelError, Segmenter};
 use crate::preprocess::Recipe;
-use crate::sink::{Event, EventStream, Snapshots, overlay};
+use crate::sink::{Event, EventStream, SnapshotQueue, Snapshots};
 use crate::store::{InstallError, Store};
 use crate::timing::{Stages, Timing, TimingReport};
 
@@ -226,7 +226,7 @@ struct Engine {
     seg: Segmenter,
     detector: Detector,
     events: EventStream,
-    snapshots: Option<Snapshots>,
+    snapshots: Option<SnapshotQueue>,
 }
 
 /// The model to serve: the store's current model if one is installed and passes verification,
@@ -274,7 +274,7 @@ impl Engine {
             .snapshots
             .dir
             .clone()
-            .map(|d| Snapshots::new(d, cfg.snapshots.quota_bytes()));
+            .map(|d| SnapshotQueue::spawn(Snapshots::new(d, cfg.snapshots.quota_bytes())));
         Ok(Engine {
             cfg,
             seg,
@@ -387,10 +387,7 @@ fn alert_start(engine: &mut Engine, a: &AlertEvent, frame: &Frame, p: &Processed
             a.id,
             frame.seq
         );
-        match s.save(&name, &overlay(&frame.image, &p.mask, best.map(|c| c.bbox))) {
-            Ok(path) => log::info!("snapshot {}", path.display()),
-            Err(e) => log::error!("cannot save snapshot {name}: {e}; alerting goes on"),
-        }
+        s.queue(name, &frame.image, &p.mask, best.map(|c| c.bbox));
     }
 }
 

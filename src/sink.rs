@@ -584,9 +584,172 @@ impl Snapshots {
     }
 }
 
+/// A snapshot waiting for the writer: the frame, its mask and the box to draw.
+struct Shot {
+    name: String,
+    frame: RgbImage,
+    mask: GrayImage,
+    bbox: Option<[f32; 4]>,
+}
+
+/// Snapshots drawn and saved on their own thread. Drawing the overlay of a camera frame,
+/// encoding it as JPEG and writing it takes tens of milliseconds on the board, seconds on a
+/// stalled disk or under emulation (4.8 s in the system test's VM), and the frame loop must
+/// not wait for it. One snapshot is written while one more waits; one asked for beyond that
+/// is skipped with a line, and alerting goes on.
+pub struct SnapshotQueue {
+    tx: Option<std::sync::mpsc::SyncSender<Shot>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl SnapshotQueue {
+    /// Starts the writer thread for `snapshots`.
+    pub fn spawn(snapshots: Snapshots) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Shot>(1);
+        let (finished, done) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("snapshots".into())
+            .spawn(move || {
+                for shot in rx {
+                    let img = overlay(&shot.frame, &shot.mask, shot.bbox);
+                    match snapshots.save(&shot.name, &img) {
+                        Ok(path) => log::info!("snapshot {}", path.display()),
+                        Err(e) => {
+                            log::error!("cannot save snapshot {}: {e}; alerting goes on", shot.name)
+                        }
+                    }
+                }
+                let _ = finished.send(());
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the snapshot thread: {e}; no snapshots will be saved");
+        }
+        SnapshotQueue { tx: Some(tx), done }
+    }
+
+    /// Queues a snapshot named `name` (a `.jpg` file name); never waits. `false`, with a
+    /// line, when the writer is still busy with the ones before.
+    pub fn queue(
+        &self,
+        name: String,
+        frame: &RgbImage,
+        mask: &GrayImage,
+        bbox: Option<[f32; 4]>,
+    ) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        let shot = Shot {
+            name,
+            frame: frame.clone(),
+            mask: mask.clone(),
+            bbox,
+        };
+        match tx.try_send(shot) {
+            Ok(()) => true,
+            Err(
+                std::sync::mpsc::TrySendError::Full(shot)
+                | std::sync::mpsc::TrySendError::Disconnected(shot),
+            ) => {
+                log::warn!(
+                    "snapshot {} skipped: the earlier ones are still being written",
+                    shot.name
+                );
+                false
+            }
+        }
+    }
+}
+
+impl SnapshotQueue {
+    /// Takes no more snapshots and waits at most `timeout` for the queued ones to be
+    /// written; `false` if they were not (the thread goes on alone).
+    pub fn finish(&mut self, timeout: std::time::Duration) -> bool {
+        match self.tx.take() {
+            Some(tx) => {
+                drop(tx);
+                self.done.recv_timeout(timeout).is_ok()
+            }
+            None => true,
+        }
+    }
+}
+
+impl Drop for SnapshotQueue {
+    /// Lets the queued snapshots be written, waiting at most [`FLUSH_TIMEOUT`] (a stalled
+    /// disk must not hold up a stop or a reload).
+    fn drop(&mut self) {
+        self.finish(FLUSH_TIMEOUT);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_snapshot_never_holds_the_caller() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("snaps");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A FIFO where the first snapshot's temporary file goes: its open blocks the writer
+        // until someone reads, as a hung disk would.
+        let fifo = dir.join(".a.jpg.tmp");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut q = SnapshotQueue::spawn(Snapshots::new(dir.clone(), 1 << 20));
+        let frame = RgbImage::from_pixel(16, 16, Rgb([200, 90, 80]));
+        let mask = GrayImage::from_pixel(4, 4, image::Luma([255]));
+        assert!(q.queue("a.jpg".into(), &frame, &mask, None));
+        // The writer takes "a" and blocks; one more waits in the queue; then one is refused,
+        // at once (a caller that waited would hang here).
+        let mut accepted = Vec::new();
+        let mut refused = false;
+        for i in 0..50 {
+            let name = format!("x{i}.jpg");
+            if q.queue(name.clone(), &frame, &mask, None) {
+                accepted.push(name);
+            } else {
+                refused = true;
+                break;
+            }
+        }
+        assert!(
+            refused,
+            "the queue never refused a snapshot while the writer was stalled"
+        );
+        assert!(accepted.len() <= 1, "{accepted:?}");
+        // Unblock: read the FIFO to its end, then let the queue finish.
+        let reader = std::thread::spawn(move || std::fs::read(&fifo).map(|b| b.len()));
+        assert!(q.finish(std::time::Duration::from_secs(60)));
+        assert!(
+            reader.join().unwrap().unwrap() > 0,
+            "the first snapshot was written"
+        );
+        for name in accepted {
+            assert!(
+                dir.join(&name).is_file(),
+                "{name}, queued during the stall, was written"
+            );
+        }
+    }
+
+    #[test]
+    fn queued_snapshots_are_written_with_the_overlay() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("snaps");
+        let mut q = SnapshotQueue::spawn(Snapshots::new(dir.clone(), 1 << 20));
+        let frame = RgbImage::from_pixel(16, 16, Rgb([0, 0, 0]));
+        let mask = GrayImage::from_pixel(4, 4, image::Luma([255]));
+        assert!(q.queue("s.jpg".into(), &frame, &mask, Some([0.0, 0.0, 0.5, 0.5])));
+        assert!(q.finish(std::time::Duration::from_secs(60)));
+        let img = image::open(dir.join("s.jpg")).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (16, 16));
+        // The mask's green tint, not the black frame.
+        assert!(
+            img.get_pixel(12, 12).0[1] > 80,
+            "{:?}",
+            img.get_pixel(12, 12)
+        );
+    }
 
     #[test]
     fn failed_and_crashed_saves_leave_no_partial_files() {

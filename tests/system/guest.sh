@@ -61,9 +61,10 @@ wait_for() {
 }
 line_value() { cat "$VALUE"; }
 line_is() { [ "$(cat "$VALUE")" = "$1" ]; }
-# The daemon's events of one kind since a cursor, as JSON lines: a match on the journal's
-# field index, far cheaper under TCG than reading every entry.
-pev() { journalctl --after-cursor="$1" -o json --no-pager _SYSTEMD_UNIT=polypwatch.service "POLYP_EVENT=$2" 2>/dev/null; }
+# The daemon's events of one kind since a cursor, as JSON lines. (journalctl's own field match
+# with --after-cursor missed events here; jq 1.6's -e exits 0 on empty input, so a match is a
+# printed line, not jq's status.)
+pev() { pj "$1" | jq -c "select(.POLYP_EVENT == \"$2\")"; }
 event_seen() { pev "$1" "$2" | grep -q .; }
 msg_seen() { pmsg "$1" | grep -q -- "$2"; }
 prop() { systemctl show -P "$1" polypwatch; }
@@ -161,9 +162,11 @@ watch_stop() { [ -n "$WATCHER" ] && kill "$WATCHER" 2>/dev/null && wait "$WATCHE
 for f in YUYV NV12 RGB3; do
   out_format $f >/dev/null
   v4l2-ctl -d "$CAP" --set-fmt-video=width=1280,height=1024,pixelformat=$f
+  : >/tmp/loop.log
   FEEDER_DUMP=/tmp/fed.raw "$F" out "$OUT" "$P/frames.ppm" /tmp/pos.sched /tmp/loop.log loop 2>/dev/null &
   lp=$!
-  sleep 1
+  # Streaming once a buffer came back from the output (three are queued before STREAMON).
+  wait_for 20 bash -c "[ \$(grep -c QUEUED /tmp/loop.log) -ge 5 ]"
   v4l2-ctl -d "$CAP" --stream-mmap --stream-count=5 --stream-to=/tmp/cap.raw 2>/dev/null
   kill $lp; wait $lp 2>/dev/null
   sz=$(stat -c %s /tmp/fed.raw)
