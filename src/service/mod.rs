@@ -3,7 +3,8 @@
 //! thread, so the two overlap on two cores; signals, systemd readiness, status with stage times
 //! and watchdog (`health`), alert outputs (`alerts`) and reloads (`reload`).
 //!
-//! The frame loop takes its clock, its frame source and its systemd notifier as arguments.
+//! The frame loop takes its clock, its frame source and its systemd notifier as arguments, so
+//! the tests in `loop_tests.rs` run the real loop on in-memory frames and a clock they move.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,8 @@ mod alerts;
 mod engine;
 mod handoff;
 mod health;
+#[cfg(test)]
+mod loop_tests;
 mod reload;
 
 pub use handoff::LOST_AFTER;
