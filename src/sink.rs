@@ -627,8 +627,8 @@ impl SnapshotQueue {
         SnapshotQueue { tx: Some(tx), done }
     }
 
-    /// Queues a snapshot named `name` (a `.jpg` file name); never waits. `false`, with a
-    /// line, when the writer is still busy with the ones before.
+    /// Queues a snapshot named `name` (a `.jpg` file name); never waits. `false` when the
+    /// writer is still busy with the ones before (the caller says so).
     pub fn queue(
         &self,
         name: String,
@@ -645,16 +645,7 @@ impl SnapshotQueue {
         };
         match tx.try_send(shot) {
             Ok(()) => true,
-            Err(
-                std::sync::mpsc::TrySendError::Full(shot)
-                | std::sync::mpsc::TrySendError::Disconnected(shot),
-            ) => {
-                log::warn!(
-                    "snapshot {} skipped: the earlier ones are still being written",
-                    shot.name
-                );
-                false
-            }
+            Err(_) => false,
         }
     }
 }
