@@ -6,13 +6,12 @@
  *     its capture node). The node's format (YUYV, NV12 or RGB3) and size are read with
  *     G_FMT: set them first with v4l2-ctl. FRAMES.ppm is the demo clip's frames as
  *     concatenated binary PPMs (P6), scaled here to the node's size (nearest neighbour) and
- *     converted once at start (BT.601 limited range, what the daemon reads). SCHEDULE lists
- *     one frame index a line; each is queued in turn and the node's own frame rate paces
- *     them. LOG gets "QUEUED <index> <CLOCK_MONOTONIC ns>" for every frame queued, so the
- *     test knows when a frame reached the output node. With "loop" the schedule repeats
- *     until SIGTERM. With FEEDER_HOLD set, the schedule's first frame is shown until SIGUSR1,
- *     then the schedule plays: the frames are converted (slow under TCG) before the test
- *     needs them to start.
+ *     converted (BT.601 limited range, what the daemon reads) one frame ahead of the schedule
+ *     while streaming, each once. SCHEDULE lists one frame index a line; each is queued in
+ *     turn and the node's own frame rate paces them. LOG gets "QUEUED <index>
+ *     <CLOCK_MONOTONIC ns>" for every frame queued, so the test knows when a frame reached the
+ *     output node. With "loop" the schedule repeats until SIGTERM. With FEEDER_HOLD set, the
+ *     schedule's first frame is shown until SIGUSR1, then the schedule plays.
  *
  *   feeder watch VALUE_FILE LOG
  *     Polls a gpio-sim sysfs value file every millisecond and writes "LINE <0|1> <ns>" to LOG at
@@ -97,11 +96,18 @@ static unsigned char v601(const unsigned char *p) { return clamp(((112 * p[0] - 
 static unsigned char *convert(const struct ppm *src, struct v4l2_pix_format *pf) {
   int w = pf->width, h = pf->height, bpl = pf->bytesperline;
   unsigned char *rgb = malloc((size_t)w * h * 3);
-  for (int y = 0; y < h; y++)
-    for (int x = 0; x < w; x++) {
-      const unsigned char *s = src->rgb + ((size_t)(y * src->h / h) * src->w + (x * src->w / w)) * 3;
-      memcpy(rgb + ((size_t)y * w + x) * 3, s, 3);
+  /* Source columns once per frame: a division per pixel is a helper call under TCG. */
+  int *sx = malloc((size_t)w * sizeof *sx);
+  for (int x = 0; x < w; x++) sx[x] = x * src->w / w * 3;
+  for (int y = 0; y < h; y++) {
+    const unsigned char *line = src->rgb + (size_t)(y * src->h / h) * src->w * 3;
+    unsigned char *d = rgb + (size_t)y * w * 3;
+    for (int x = 0; x < w; x++, d += 3) {
+      const unsigned char *s = line + sx[x];
+      d[0] = s[0]; d[1] = s[1]; d[2] = s[2];
     }
+  }
+  free(sx);
   unsigned char *out = calloc(1, pf->sizeimage);
   switch (pf->pixelformat) {
   case V4L2_PIX_FMT_RGB24:
@@ -165,9 +171,13 @@ static int feed(int argc, char **argv) {
   struct v4l2_format fmt = {.type = V4L2_BUF_TYPE_VIDEO_OUTPUT};
   if (xioctl(fd, VIDIOC_G_FMT, &fmt) < 0) die("G_FMT");
   struct v4l2_pix_format *pf = &fmt.fmt.pix;
+  /* Frames are converted as they are needed, not all before streaming: under TCG converting a
+     clip's hundred frames took 5-15 s, and the test waited for it. Only the first goes before
+     STREAMON; then one frame ahead of the schedule per queued buffer (while the previous one
+     is shown), which stays ahead of a schedule that shows each frame at least once. */
   unsigned char **conv = calloc(nframes, sizeof *conv);
-  for (int i = 0; i < ns; i++)
-    if (!conv[sched[i]]) conv[sched[i]] = convert(&frames[sched[i]], pf);
+  conv[sched[0]] = convert(&frames[sched[0]], pf);
+  int ahead = 0; /* schedule positions before this one are converted */
   /* FEEDER_DUMP=FILE: the first scheduled frame as queued, to check the loopback against. */
   const char *dump = getenv("FEEDER_DUMP");
   if (dump) {
@@ -211,6 +221,7 @@ static int feed(int argc, char **argv) {
       if (stop) break;
       die("DQBUF");
     }
+    if (!conv[sched[pos]]) conv[sched[pos]] = convert(&frames[sched[pos]], pf);
     size_t n = pf->sizeimage < lens[b.index] ? pf->sizeimage : lens[b.index];
     memcpy(maps[b.index], conv[sched[pos]], n);
     b.bytesused = n;
@@ -223,6 +234,9 @@ static int feed(int argc, char **argv) {
       if (xioctl(fd, VIDIOC_STREAMON, &type) < 0) die("STREAMON");
       started = 1;
     }
+    /* The next frame not converted yet, while the output shows the queued ones. */
+    while (ahead < ns && conv[sched[ahead]]) ahead++;
+    if (ahead < ns) conv[sched[ahead]] = convert(&frames[sched[ahead]], pf);
   }
   if (!started) {
     int type = V4L2_BUF_TYPE_VIDEO_OUTPUT;
