@@ -39,6 +39,8 @@ const ENODEV: i32 = 19;
 const POLL: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Capture buffers the driver fills while this thread converts and preprocesses.
+const BUFFERS: u32 = 4;
 
 struct Open {
     // The stream holds its own handle to the device; `dev` is kept for clarity of ownership.
@@ -174,7 +176,7 @@ impl Camera {
             .set_params(&v4l::video::capture::Parameters::with_fps(self.cfg.fps))
             .map_err(|e| format!("cannot set frame rate: {e}"))?;
         let fps = params.interval.denominator as f64 / params.interval.numerator.max(1) as f64;
-        let mut stream = MmapStream::with_buffers(&dev, Type::VideoCapture, 4)
+        let mut stream = MmapStream::with_buffers(&dev, Type::VideoCapture, BUFFERS)
             .map_err(|e| format!("cannot map buffers: {e}"))?;
         stream.set_timeout(POLL);
         log::info!(
@@ -256,22 +258,37 @@ impl FrameSource for Camera {
         } else {
             Ok(())
         };
-        let result = resumed.and_then(|()| o.stream.next()).map(|(buf, meta)| {
-            let captured = Instant::now();
-            let used = (meta.bytesused as usize).min(buf.len());
-            let r = pixfmt::convert(
-                o.format,
-                &buf[..used],
-                o.width,
-                o.height,
-                o.stride,
-                &mut self.rgb,
-            );
-            (r, captured)
+        // When converting and preprocessing a frame takes longer than the camera's frame time,
+        // the driver's queue fills and the oldest frame would come next, up to BUFFERS frames
+        // late; the alert then follows the polyp by that much. Frames already waiting behind
+        // the one dequeued are stale: skip to the newest (a gap in `seq`, as the source's own
+        // drops are).
+        let handle = o.stream.handle();
+        let mut skipped = 0;
+        let result = resumed.and_then(|()| {
+            loop {
+                let (buf, meta) = o.stream.next()?;
+                if skipped + 1 < BUFFERS && handle.poll(libc::POLLIN, 0)? > 0 {
+                    skipped += 1;
+                    continue;
+                }
+                let captured = Instant::now();
+                let used = (meta.bytesused as usize).min(buf.len());
+                let r = pixfmt::convert(
+                    o.format,
+                    &buf[..used],
+                    o.width,
+                    o.height,
+                    o.stride,
+                    &mut self.rgb,
+                );
+                break Ok((r, captured));
+            }
         });
         match result {
             Ok((converted, captured)) => {
                 o.last_frame = Instant::now();
+                self.seq += u64::from(skipped);
                 let seq = self.seq;
                 self.seq += 1;
                 converted.map_err(|source| CaptureError::BadBuffer { seq, source })?;
@@ -302,8 +319,10 @@ impl FrameSource for Camera {
                 } else {
                     format!("capture failed: {e}")
                 };
-                self.lost(why);
-                Err(CaptureError::Waiting)
+                self.lost(why.clone());
+                // At once, not after stall_secs: an alert must not outlive the video it was
+                // raised on, nor carry on as the same alert when the camera comes back.
+                Err(CaptureError::Lost { reason: why })
             }
         }
     }

@@ -57,6 +57,14 @@ pub enum CaptureError {
     /// retries, and the caller asks again.
     #[error("waiting for the frame source")]
     Waiting,
+    /// A source that was streaming is gone (a camera unplugged, a failing capture): returned
+    /// once when it goes, then [`CaptureError::Waiting`] until it is back. The source has
+    /// logged it.
+    #[error("frame source lost: {reason}")]
+    Lost {
+        /// Why, as the source logged it.
+        reason: String,
+    },
 }
 
 /// A stream of frames.

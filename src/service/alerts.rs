@@ -118,10 +118,18 @@ impl AlertOutput for Journal {
     }
     fn end(&mut self, e: &End<'_>) -> Result<(), OutputError> {
         let a = e.alert;
+        // An end the hysteresis did not decide says why, in the field and the line: "cleared"
+        // for a camera that was unplugged misleads whoever reads the journal.
+        let why = e
+            .reason
+            .as_str()
+            .map_or(String::new(), |r| format!(", {r}"));
         log::info!(
             polyp_event = "end", polyp_alert_id = a.id, polyp_score = a.peak_score,
-            frame_seq = e.frame.seq, polyp_frames = a.frames;
-            "polyp alert {} cleared after {} frames (peak score {:.2})", a.id, a.frames, a.peak_score
+            frame_seq = e.frame.seq, polyp_frames = a.frames,
+            polyp_end_reason = e.reason.as_str().unwrap_or("cleared");
+            "polyp alert {} {} after {} frames (peak score {:.2}{why})", a.id,
+            if e.reason == EndReason::Cleared { "cleared" } else { "ended" }, a.frames, a.peak_score
         );
         Ok(())
     }

@@ -180,6 +180,9 @@ fn capture_loop<C: Clock>(
                 return;
             }
             Err(CaptureError::Waiting) => {}
+            // The processing side reports it and ends the alert (`Feed::Lost`), then
+            // `Feed::Back` with the next frame.
+            Err(CaptureError::Lost { reason }) => slot.lost = Some((reason, 0)),
             Err(e @ (CaptureError::BadFrame { .. } | CaptureError::BadBuffer { .. })) => {
                 slot.bad += 1;
                 failed += 1;

@@ -65,6 +65,8 @@ enum Step {
     Do(Box<dyn FnOnce() + Send>),
     /// Waits (in real time, at most 60 s) until the condition holds.
     Until(Box<dyn Fn() -> bool + Send>),
+    /// The source goes away (a camera unplugged), as `Camera` reports it.
+    Lost(&'static str),
 }
 
 struct FakeSource {
@@ -111,6 +113,9 @@ impl FrameSource for FakeSource {
                 f();
                 Err(CaptureError::Waiting)
             }
+            Some(Step::Lost(reason)) => Err(CaptureError::Lost {
+                reason: reason.into(),
+            }),
             Some(Step::Until(cond)) => {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !cond() && Instant::now() < deadline {
@@ -332,6 +337,45 @@ fn the_watchdog_is_not_fed_while_frames_stall_and_the_alert_ends_with_no_frames(
         r.events_of("alert_start").len(),
         2,
         "raised again after the stall"
+    );
+}
+
+#[test]
+fn a_lost_source_ends_the_alert_at_once_and_its_return_is_a_new_alert() {
+    let b = Bench::new();
+    // A loss far shorter than stall_secs: only the source's own report can end the alert.
+    let cfg = b.config("f32", LOUD, "stall_secs = 30.0");
+    let events = b.events_file();
+    let steps = Bench::frames(4, TENTH)
+        .chain([
+            Step::Lost("unplugged (ENODEV)"),
+            // Back once the loop has reported the loss (a camera is away for at least its
+            // 0.5 s retry; the loop looks every 0.1 s).
+            Step::Until(Box::new(move || {
+                std::fs::read_to_string(&events).is_ok_and(|t| t.contains("source_lost"))
+            })),
+        ])
+        .chain(Bench::frames(4, TENTH));
+    let r = b.run(&cfg, None, None, steps);
+    let lost = r.events_of("source_lost");
+    assert_eq!(lost.len(), 1, "{:?}", r.events);
+    assert_eq!(lost[0]["reason"], "unplugged (ENODEV)", "{lost:?}");
+    assert_eq!(r.events_of("source_back").len(), 1, "{:?}", r.events);
+    let ends = r.events_of("alert_end");
+    assert_eq!(ends[0]["reason"], "source_lost", "{ends:?}");
+    assert_eq!(
+        ends[0]["seq"], 3,
+        "closed on the last frame before the loss"
+    );
+    assert_eq!(r.events_of("alert_start").len(), 2, "{:?}", r.events);
+    assert_eq!(
+        r.alerts,
+        [
+            "raise 1",
+            "end 1 SourceLost seq 3",
+            "raise 2",
+            "end 2 Shutdown seq 7"
+        ]
     );
 }
 

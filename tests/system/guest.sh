@@ -464,11 +464,13 @@ back=no
 wait_for 40 event_seen "$c2" start && back=yes
 downs=$(pmsg "$c" | grep -c "camera $CAP: .*retrying")
 backs=$(pmsg "$c" | grep -c "camera $CAP: back")
+# The alert open at the removal ends with it, not stall_secs later (and the return is a new one).
+lost_end=$(pev "$c" end | grep -c '"POLYP_END_REASON":"source_lost"')
 if [ "$removed" = yes ] && [ $back = yes ] && [ "$downs" = 1 ] && [ "$backs" = 1 ] &&
-  [ "$(prop MainPID)" = "$pid0" ]; then
-  ok "$name" "one line down, one line back, same process, alert again"
+  [ "$lost_end" = 1 ] && [ "$(prop MainPID)" = "$pid0" ]; then
+  ok "$name" "one line down, the open alert ended (source_lost), one line back, same process, alert again"
 else
-  bad "$name" "removed: $removed; down lines $downs, back lines $backs; pid $pid0 -> $(prop MainPID), NRestarts $n0 -> $(prop NRestarts); alert again: $back; $(pmsg "$c" | grep -iv timing | tail -5 | tr '\n' '|')"
+  bad "$name" "removed: $removed; down lines $downs, back lines $backs; alert ends for source_lost: $lost_end; pid $pid0 -> $(prop MainPID), NRestarts $n0 -> $(prop NRestarts); alert again: $back; $(pmsg "$c" | grep -iv timing | tail -5 | tr '\n' '|')"
 fi
 
 # ---- 6. signed update via reload; tampered bundle rejected -----------------------------------
