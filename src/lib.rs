@@ -10,7 +10,6 @@
 
 #![warn(missing_docs)]
 
-pub mod accel;
 pub mod alert;
 pub mod alert_eval;
 pub mod bench;
@@ -34,6 +33,9 @@ pub mod signing;
 pub mod sink;
 pub mod store;
 pub mod timing;
+
+/// Our rewrites of tract's plan, a crate of their own (`crates/polypwatch-accel`).
+pub use polypwatch_accel as accel;
 
 /// The version of tract this build runs models with (recorded in manifests at export).
 pub const TRACT_VERSION: &str = "0.23.9";
