@@ -17,25 +17,18 @@ pub mod camera;
 pub mod capture;
 pub mod clip;
 pub mod config;
-pub mod dataset;
-pub mod detect;
-pub mod evaluate;
-pub mod files;
-pub mod frames;
 pub mod gpio;
-pub mod manifest;
-pub mod metrics;
-pub mod model;
 pub mod pixfmt;
-pub mod preprocess;
 pub mod service;
-pub mod signing;
 pub mod sink;
 pub mod store;
 pub mod timing;
 
 /// Our rewrites of tract's plan, a crate of their own (`crates/polypwatch-accel`).
 pub use polypwatch_accel as accel;
-
-/// The version of tract this build runs models with (recorded in manifests at export).
-pub const TRACT_VERSION: &str = "0.23.9";
+/// The model contract shared with the trainer (`crates/polypwatch-model`), under the paths the
+/// daemon has always used.
+pub use polypwatch_model::{
+    TRACT_VERSION, dataset, detect, evaluate, files, frames, manifest, metrics, model, preprocess,
+    selftest, signing,
+};

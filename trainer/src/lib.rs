@@ -2,8 +2,9 @@
 //! with the manifest the polypwatch daemon checks.
 //!
 //! Laid out like Burn's examples: [`model`], [`data`], [`train`], [`eval`] and [`export`] in
-//! separate files; preprocessing, datasets and metrics come from the `polypwatch` library so
-//! that training and inference cannot drift apart.
+//! separate files; preprocessing, datasets, metrics and the manifest come from the
+//! `polypwatch-model` crate the daemon uses too, so that training and inference cannot drift
+//! apart (and the trainer builds none of the daemon's device code).
 
 pub mod bench;
 pub mod config;

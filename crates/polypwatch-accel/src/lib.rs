@@ -282,9 +282,9 @@ pub(crate) fn shipped_model(name: &str) -> TypedModel {
 pub(crate) fn fixture_input() -> Tensor {
     let root = workspace_root();
     let manifest =
-        polypwatch::manifest::Manifest::load(&root.join("models/polypwatch-edge-int8.toml"))
+        polypwatch_model::manifest::Manifest::load(&root.join("models/polypwatch-edge-int8.toml"))
             .unwrap();
-    let image = polypwatch::preprocess::load_rgb(
+    let image = polypwatch_model::preprocess::load_rgb(
         &root.join("tests/fixtures/kvasir-mini/images/cju0qkwl35piu0993l0dewei2.jpg"),
     )
     .unwrap();
