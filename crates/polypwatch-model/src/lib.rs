@@ -39,3 +39,32 @@ pub const TRACT_VERSION: &str = "0.23.9";
 pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
+
+#[cfg(test)]
+mod tests {
+    /// The tract the workspace builds (Cargo.lock) is the one manifests say models run with:
+    /// the version is pinned by hand in two places (`[workspace.dependencies]` and
+    /// [`TRACT_VERSION`](crate::TRACT_VERSION)), and a bump of one without the other would export
+    /// manifests that name a tract the daemon does not run.
+    #[test]
+    fn the_locked_tract_is_the_one_manifests_record() {
+        let path = crate::workspace_root().join("Cargo.lock");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lock: toml::Table = toml::from_str(&text).unwrap();
+        let packages = lock["package"].as_array().unwrap();
+        // tract-core too: polypwatch-accel rewrites its plan through its internals.
+        for name in ["tract-onnx", "tract-core"] {
+            let versions: Vec<&str> = packages
+                .iter()
+                .filter(|p| p["name"].as_str() == Some(name))
+                .map(|p| p["version"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                versions,
+                [crate::TRACT_VERSION],
+                "{name} in {}",
+                path.display()
+            );
+        }
+    }
+}
