@@ -12,7 +12,7 @@
 //! sums come in another order (its tests bound the difference), and an operator outside what a
 //! replacement covers is left to tract.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod fconv;
 pub mod im2col;

@@ -16,7 +16,7 @@
 //! - [`signing`]: ed25519 signatures over manifests.
 //! - [`files`]: bounded reads of regular files (no FIFO, device or runaway file blocks a read).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod dataset;
 pub mod detect;
