@@ -29,8 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::UpdateSection;
 use crate::files::kind_of;
-use crate::manifest::{self, Manifest, ManifestError, SelfTest};
-use crate::model::{ModelError, Segmenter, sigmoid};
+use crate::manifest::{Manifest, ManifestError, SelfTest};
+use crate::model::{ModelError, Segmenter};
+use crate::selftest::{self, SelfTestError};
 use crate::signing::{PublicKey, SignError, SignatureFile};
 
 /// Largest manifest or `.sig` read from a bundle (they are a few KiB).
@@ -142,6 +143,19 @@ pub enum InstallError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+/// The self-test's failures as the store has always reported them, variant for variant.
+impl From<SelfTestError> for InstallError {
+    fn from(e: SelfTestError) -> Self {
+        match e {
+            SelfTestError::Io { path, source } => InstallError::Io { path, source },
+            SelfTestError::Write { path, source } => InstallError::Store { path, source },
+            SelfTestError::Manifest(e) => InstallError::Manifest(e),
+            SelfTestError::Model(e) => InstallError::Model(e),
+            SelfTestError::Failed { iou, min } => InstallError::SelfTest { iou, min },
+        }
+    }
 }
 
 /// A model that passed every check.
@@ -305,73 +319,14 @@ fn next_seq() -> u64 {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     SEQ.fetch_add(1, Ordering::Relaxed)
 }
-/// Mask of a model's logits at its threshold.
-fn mask_of(logits: &[f32], threshold: f32) -> impl Iterator<Item = bool> + '_ {
-    logits.iter().map(move |&l| sigmoid(l) >= threshold)
-}
-
-/// Runs the self-test of a loaded model whose manifest lies at `manifest_path`.
+/// Runs the self-test of a loaded model whose manifest lies at `manifest_path` (see
+/// [`selftest::run_selftest`]).
 pub fn run_selftest(
     seg: &Segmenter,
     manifest_path: &Path,
     t: &SelfTest,
 ) -> Result<f64, InstallError> {
-    let dir = manifest_path.parent().unwrap_or(Path::new("."));
-    for (name, sha) in [(&t.image, &t.image_sha256), (&t.mask, &t.mask_sha256)] {
-        let p = dir.join(name);
-        let actual = manifest::sha256_file(&p)?;
-        if !actual.eq_ignore_ascii_case(sha) {
-            return Err(ManifestError::Sha256Mismatch {
-                path: p,
-                expected: sha.clone(),
-                actual,
-            }
-            .into());
-        }
-    }
-    let load = |name: &str| {
-        image::open(dir.join(name)).map_err(|e| InstallError::Io {
-            path: dir.join(name),
-            source: std::io::Error::other(e.to_string()),
-        })
-    };
-    let img = load(&t.image)?.into_rgb8();
-    let expected = load(&t.mask)?.into_luma8();
-    let logits = seg.logits_for(&img)?;
-    let r = &seg.manifest().preprocess;
-    if expected.dimensions() != (r.width, r.height) {
-        return Err(InstallError::Io {
-            path: dir.join(&t.mask),
-            source: std::io::Error::other(format!(
-                "self-test mask is {:?}, the model's output is {}x{}",
-                expected.dimensions(),
-                r.width,
-                r.height
-            )),
-        });
-    }
-    let (mut inter, mut union) = (0u64, 0u64);
-    for (got, want) in mask_of(&logits, seg.manifest().output.threshold).zip(
-        expected
-            .as_raw()
-            .iter()
-            .map(|&v| v > crate::preprocess::MASK_THRESHOLD),
-    ) {
-        inter += (got && want) as u64;
-        union += (got || want) as u64;
-    }
-    let iou = if union == 0 {
-        1.0
-    } else {
-        inter as f64 / union as f64
-    };
-    if iou < t.min_iou {
-        return Err(InstallError::SelfTest {
-            iou,
-            min: t.min_iou,
-        });
-    }
-    Ok(iou)
+    Ok(selftest::run_selftest(seg, manifest_path, t)?)
 }
 
 /// Verifies a model bundle where it lies: signature over the manifest's bytes, hashes, tract
@@ -1081,64 +1036,14 @@ pub(crate) fn unix_ms() -> u128 {
         .unwrap_or(0)
 }
 
-/// Adds a self-test to a manifest: runs the model on `image` (resized to the input size),
-/// saves the frame and the mask beside the manifest and records their hashes. The manifest is
-/// rewritten, so sign it afterwards.
+/// Adds a self-test to a manifest (see [`selftest::attach_selftest`]); the trainer calls it
+/// through the model crate.
 pub fn attach_selftest(
     manifest_path: &Path,
     image: &image::RgbImage,
     min_iou: f64,
 ) -> Result<f64, InstallError> {
-    let seg = Segmenter::load(manifest_path)?;
-    let mut m = seg.manifest().clone();
-    let r = &m.preprocess;
-    let frame = image::imageops::resize(
-        image,
-        r.width,
-        r.height,
-        image::imageops::FilterType::Triangle,
-    );
-    let logits = seg.logits_for(&frame)?;
-    let mask = image::GrayImage::from_raw(
-        r.width,
-        r.height,
-        mask_of(&logits, m.output.threshold)
-            .map(|b| if b { 255 } else { 0 })
-            .collect(),
-    )
-    .expect("mask has the model's size");
-    let stem = manifest_path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let dir = manifest_path.parent().unwrap_or(Path::new("."));
-    let (img_name, mask_name) = (
-        format!("{stem}.selftest.png"),
-        format!("{stem}.selftest-mask.png"),
-    );
-    let save_err = |p: PathBuf| {
-        move |e: image::ImageError| InstallError::Store {
-            path: p,
-            source: std::io::Error::other(e.to_string()),
-        }
-    };
-    frame
-        .save(dir.join(&img_name))
-        .map_err(save_err(dir.join(&img_name)))?;
-    mask.save(dir.join(&mask_name))
-        .map_err(save_err(dir.join(&mask_name)))?;
-    let t = SelfTest {
-        image_sha256: manifest::sha256_file(&dir.join(&img_name))?,
-        mask_sha256: manifest::sha256_file(&dir.join(&mask_name))?,
-        image: img_name,
-        mask: mask_name,
-        min_iou,
-    };
-    m.selftest = Some(t.clone());
-    m.save(manifest_path)?;
-    // Check what was written, through the same path the device takes.
-    let seg = Segmenter::load(manifest_path)?;
-    run_selftest(&seg, manifest_path, &t)
+    Ok(selftest::attach_selftest(manifest_path, image, min_iou)?)
 }
 
 #[cfg(test)]

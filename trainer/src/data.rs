@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use image::{Rgb, RgbImage};
-use polypwatch::dataset::{Dataset, Sample};
-use polypwatch::preprocess::Recipe;
+use polypwatch_model::dataset::{Dataset, Sample};
+use polypwatch_model::preprocess::Recipe;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 

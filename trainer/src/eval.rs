@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
-use polypwatch::detect::DetectConfig;
-use polypwatch::frames::{EvalReport, Evaluation};
-use polypwatch::metrics::SetScores;
-use polypwatch::model::sigmoid;
-use polypwatch::preprocess::Recipe;
+use polypwatch_model::detect::DetectConfig;
+use polypwatch_model::frames::{EvalReport, Evaluation};
+use polypwatch_model::metrics::SetScores;
+use polypwatch_model::model::sigmoid;
+use polypwatch_model::preprocess::Recipe;
 
 use crate::config::TrainConfig;
 use crate::data::Set;

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::prelude::*;
-use polypwatch::dataset::Dataset;
-use polypwatch::evaluate::{evaluate, score_sample};
-use polypwatch::manifest::{
+use polypwatch_model::dataset::Dataset;
+use polypwatch_model::evaluate::{evaluate, score_sample};
+use polypwatch_model::manifest::{
     FORMAT_VERSION, InputInfo, Manifest, ModelInfo, OutputInfo, Provenance, sha256_file,
 };
-use polypwatch::metrics::Confusion;
-use polypwatch::model::{Segmenter, load_checked};
-use polypwatch::preprocess::Recipe;
+use polypwatch_model::metrics::Confusion;
+use polypwatch_model::model::{Segmenter, load_checked};
+use polypwatch_model::preprocess::Recipe;
 use tract_onnx::prelude::tvec;
 
 use crate::data::{self, Set};
@@ -21,8 +21,8 @@ use crate::eval::{run_config, weights_path};
 use crate::operating;
 use crate::quant;
 use crate::train::{self, RunDir, THRESHOLD};
-use polypwatch::detect::DetectConfig;
-use polypwatch::frames::{self, EvalReport, OperatingPoint};
+use polypwatch_model::detect::DetectConfig;
+use polypwatch_model::frames::{self, EvalReport, OperatingPoint};
 
 /// Largest accepted |logit difference| between Burn and tract.
 pub const MAX_LOGIT_DIFF: f32 = 1e-3;
@@ -112,7 +112,7 @@ pub fn verify(
 ) -> Result<Verification> {
     // The daemon's own path (tract's optimisation plus polypwatch's rewrites), so the check
     // covers what will run.
-    let plan = polypwatch::model::optimize(load_checked(onnx, manifest)?)
+    let plan = polypwatch_model::model::optimize(load_checked(onnx, manifest)?)
         .map_err(|e| anyhow::anyhow!("tract cannot optimise {}: {e:#}", onnx.display()))?;
     let (h, w) = (
         manifest.preprocess.height as usize,
@@ -212,7 +212,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
                 .collect::<Vec<_>>()
                 .join("; "),
             trainer_commit: git_commit(),
-            tract_version: polypwatch::TRACT_VERSION.into(),
+            tract_version: polypwatch_model::TRACT_VERSION.into(),
             created: now_rfc3339(),
             command: std::fs::read_to_string(run.0.join("command.txt"))
                 .unwrap_or_default()
@@ -327,7 +327,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         let f32_scores = evaluate(&seg_f32, samples, |_| {})?;
         manifest.metrics.insert(set.into(), f32_scores);
         if let Some((m, _, seg)) = &mut int8 {
-            let mut acc = polypwatch::metrics::Accumulator::default();
+            let mut acc = polypwatch_model::metrics::Accumulator::default();
             for s in samples.iter() {
                 let a = score_sample(&seg_f32, s, t)?;
                 let b = score_sample(seg, s, t)?;
@@ -397,10 +397,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     manifest.save(&f32_manifest)?;
     // The self-test frame a device runs before it accepts this model as a field update.
     let frame = &items[0].image;
-    polypwatch::store::attach_selftest(&f32_manifest, frame, SELFTEST_MIN_IOU)?;
+    polypwatch_model::selftest::attach_selftest(&f32_manifest, frame, SELFTEST_MIN_IOU)?;
     if let Some((m, mp, _)) = int8 {
         m.save(&mp)?;
-        polypwatch::store::attach_selftest(&mp, frame, SELFTEST_MIN_IOU)?;
+        polypwatch_model::selftest::attach_selftest(&mp, frame, SELFTEST_MIN_IOU)?;
         report.int8_manifest = Some(mp);
     }
     Ok(report)

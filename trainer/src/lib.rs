@@ -2,8 +2,22 @@
 //! with the manifest the polypwatch daemon checks.
 //!
 //! Laid out like Burn's examples: [`model`], [`data`], [`train`], [`eval`] and [`export`] in
-//! separate files; preprocessing, datasets and metrics come from the `polypwatch` library so
-//! that training and inference cannot drift apart.
+//! separate files; preprocessing, datasets, metrics and the manifest come from the
+//! `polypwatch-model` crate the daemon uses too, so that training and inference cannot drift
+//! apart (and the trainer builds none of the daemon's device code).
+//!
+//! - [`config`]: the training configuration (TOML).
+//! - [`model`]: DeepLabv3+ in Burn, each layer with its ONNX export beside its `forward`.
+//! - [`data`]: images in memory at the input size, augmentation, batches.
+//! - [`kernels`]: convolution and batch-norm training kernels for Burn's Flex CPU backend.
+//! - [`train`]: the training loop, checkpoints and resume; [`plot`]: its curves as a PNG.
+//! - [`eval`]: the study's tables for train, validation and test.
+//! - [`export`]: ONNX and manifest, verified through tract; [`onnx`]: the ONNX graph writer;
+//!   [`quant`]: the int8 variant; [`operating`]: the operating point measured as the daemon
+//!   runs the model.
+//! - [`bench`](mod@bench): training steps per second on a fixed batch.
+
+#![deny(missing_docs)]
 
 pub mod bench;
 pub mod config;

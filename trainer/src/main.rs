@@ -264,11 +264,11 @@ fn main() -> Result<()> {
                         f.precision
                     ),
                 }
-                println!("{}", polypwatch::metrics::SetScores::TABLE_HEADER);
+                println!("{}", polypwatch_model::metrics::SetScores::TABLE_HEADER);
                 for (set, rep) in f.sets.iter().filter(|(_, r)| r.masks.images > 0) {
                     println!("{}", rep.masks.table_row(set));
                 }
-                println!("{}", polypwatch::frames::EvalReport::FRAME_HEADER);
+                println!("{}", polypwatch_model::frames::EvalReport::FRAME_HEADER);
                 for (set, rep) in &f.sets {
                     println!("{}", rep.frame_row(set));
                 }
@@ -300,7 +300,7 @@ fn main() -> Result<()> {
                     bail!("{} exists; keygen never overwrites a key", p.display());
                 }
             }
-            let key = polypwatch::signing::SecretKey::generate()?;
+            let key = polypwatch_model::signing::SecretKey::generate()?;
             write_private(&out, &key.to_text())?;
             std::fs::write(&pub_path, format!("{}\n", key.public()))
                 .with_context(|| format!("writing {}", pub_path.display()))?;
@@ -315,10 +315,10 @@ fn main() -> Result<()> {
         Command::Sign { key, manifests } => {
             let text = std::fs::read_to_string(&key)
                 .with_context(|| format!("reading key {}", key.display()))?;
-            let key = polypwatch::signing::SecretKey::parse(&text)?;
+            let key = polypwatch_model::signing::SecretKey::parse(&text)?;
             for m in manifests {
                 // Refuse to sign what the device would refuse to load.
-                let manifest = polypwatch::manifest::Manifest::load(&m)?;
+                let manifest = polypwatch_model::manifest::Manifest::load(&m)?;
                 manifest.verify_sha256(&m)?;
                 if manifest.selftest.is_none() {
                     bail!(
@@ -380,8 +380,8 @@ fn main() -> Result<()> {
             image,
             min_iou,
         } => {
-            let img = polypwatch::preprocess::load_rgb(&image)?;
-            let iou = polypwatch::store::attach_selftest(&manifest, &img, min_iou)?;
+            let img = polypwatch_model::preprocess::load_rgb(&image)?;
+            let iou = polypwatch_model::selftest::attach_selftest(&manifest, &img, min_iou)?;
             println!(
                 "self-test added to {} (re-run IoU {iou:.4}); sign it again",
                 manifest.display()

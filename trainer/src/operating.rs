@@ -8,10 +8,10 @@
 use std::path::Path;
 
 use anyhow::Result;
-use polypwatch::detect::DetectConfig;
-use polypwatch::frames::{self, Evaluation, FrameRegions, Grid, OperatingPoint};
-use polypwatch::model::{Segmenter, sigmoid};
-use polypwatch::preprocess::Recipe;
+use polypwatch_model::detect::DetectConfig;
+use polypwatch_model::frames::{self, Evaluation, FrameRegions, Grid, OperatingPoint};
+use polypwatch_model::model::{Segmenter, sigmoid};
+use polypwatch_model::preprocess::Recipe;
 
 use crate::config::TrainConfig;
 use crate::data::{self, Item, Set};

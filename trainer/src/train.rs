@@ -10,10 +10,10 @@ use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use indicatif::{ProgressBar, ProgressStyle};
-use polypwatch::detect::{DetectConfig, Detector};
-use polypwatch::metrics::{Accumulator, ImageScores, SetScores};
-use polypwatch::model::sigmoid as sigmoid_f32;
-use polypwatch::preprocess::Recipe;
+use polypwatch_model::detect::{DetectConfig, Detector};
+use polypwatch_model::metrics::{Accumulator, ImageScores, SetScores};
+use polypwatch_model::model::sigmoid as sigmoid_f32;
+use polypwatch_model::preprocess::Recipe;
 use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
@@ -268,7 +268,7 @@ fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
 /// Loads the items of a sample list with a progress bar.
 pub fn load_with_bar(
     what: &str,
-    samples: &[polypwatch::dataset::Sample],
+    samples: &[polypwatch_model::dataset::Sample],
     recipe: &Recipe,
     quiet: bool,
 ) -> Result<Vec<Item>> {
@@ -279,7 +279,7 @@ pub fn load_with_bar(
 /// (see [`data::load_items_with_crops`]).
 pub fn load_with_bar_crops(
     what: &str,
-    samples: &[polypwatch::dataset::Sample],
+    samples: &[polypwatch_model::dataset::Sample],
     recipe: &Recipe,
     crops: bool,
     quiet: bool,

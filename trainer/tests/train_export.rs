@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
-use polypwatch::dataset::Dataset;
-use polypwatch::model::Segmenter;
-use polypwatch::preprocess::Recipe;
+use polypwatch_model::dataset::Dataset;
+use polypwatch_model::model::Segmenter;
+use polypwatch_model::preprocess::Recipe;
 use polypwatch_train::config::TrainConfig;
 use polypwatch_train::data;
 use polypwatch_train::export::{ExportOptions, export};
@@ -165,9 +165,10 @@ fn train_resume_export_round_trip() {
     let int8 = Segmenter::load(report.int8_manifest.as_ref().unwrap()).unwrap();
     assert_eq!(int8.manifest().model.precision, "int8");
     assert!(report.int8_mask_iou_vs_f32.unwrap() > 0.5, "{report:?}");
-    let img =
-        polypwatch::preprocess::load_rgb(&Dataset::open(&fixtures()).unwrap().samples[0].image)
-            .unwrap();
+    let img = polypwatch_model::preprocess::load_rgb(
+        &Dataset::open(&fixtures()).unwrap().samples[0].image,
+    )
+    .unwrap();
     assert_eq!(seg.logits_for(&img).unwrap().len(), 64 * 64);
 
     // A model file that does not match its manifest is refused.

@@ -872,7 +872,7 @@ pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accel::fixture_input;
+    use crate::fixture_input;
     use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::math;
 
@@ -1218,8 +1218,7 @@ mod tests {
     /// float rounding, the same mask, on a real frame.
     #[test]
     fn shipped_model_keeps_its_logits() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/polypwatch-edge-f32.onnx");
+        let path = crate::workspace_root().join("models/polypwatch-edge-f32.onnx");
         let model = tract_onnx::onnx()
             .model_for_path(path)
             .and_then(|m| m.into_typed()?.into_decluttered())

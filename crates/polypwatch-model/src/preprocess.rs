@@ -390,7 +390,7 @@ mod tests {
         let mut jpg = std::io::Cursor::new(Vec::new());
         flat.write_to(&mut jpg, image::ImageFormat::Jpeg).unwrap();
         assert!(is_blank(&decode_rgb(jpg.get_ref(), "flat.jpg").unwrap()));
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let root = crate::workspace_root().join("tests/fixtures");
         for dir in ["kvasir-mini/images", "negatives-mini/images"] {
             for e in std::fs::read_dir(root.join(dir)).unwrap() {
                 let p = e.unwrap().path();
@@ -421,8 +421,7 @@ mod tests {
 
     #[test]
     fn a_frame_declaring_a_huge_size_is_refused_before_it_is_decoded() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/faults/declares-23000x23000.png");
+        let p = crate::workspace_root().join("tests/fixtures/faults/declares-23000x23000.png");
         let e = load_rgb(&p).unwrap_err().to_string();
         assert!(
             e.contains("declares-23000x23000.png") && e.contains("limit"),
@@ -435,7 +434,7 @@ mod tests {
     #[test]
     fn a_truncated_jpeg_is_refused() {
         // A real frame of the demo clip, cut at 25-90 % of its bytes (it decoded silently).
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/clip/frame_00090.jpg");
+        let path = crate::workspace_root().join("demo/clip/frame_00090.jpg");
         let bytes = std::fs::read(&path).unwrap();
         assert!(decode_rgb(&bytes, "whole").is_ok());
         let mut padded = bytes.clone();
@@ -480,8 +479,7 @@ mod tests {
 
     #[test]
     fn triangle_resize_is_the_image_crates_to_the_byte() {
-        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/kvasir-mini/images");
+        let fixture = crate::workspace_root().join("tests/fixtures/kvasir-mini/images");
         let mut real: Vec<RgbImage> = std::fs::read_dir(&fixture)
             .unwrap()
             .take(2)

@@ -12,6 +12,8 @@
 //! sums come in another order (its tests bound the difference), and an operator outside what a
 //! replacement covers is left to tract.
 
+#![deny(missing_docs)]
+
 pub mod fconv;
 pub mod im2col;
 pub mod pad;
@@ -258,12 +260,17 @@ pub fn on_tract_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// The workspace's root, where the shipped models and the test fixtures lie (this crate is
+/// `crates/polypwatch-accel`).
+#[cfg(test)]
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 /// A shipped model (`models/NAME`), optimised by tract, for the tests of the rewrites.
 #[cfg(test)]
 pub(crate) fn shipped_model(name: &str) -> TypedModel {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(name);
+    let path = workspace_root().join("models").join(name);
     tract_onnx::onnx()
         .model_for_path(path)
         .and_then(|m| m.into_optimized())
@@ -273,10 +280,11 @@ pub(crate) fn shipped_model(name: &str) -> TypedModel {
 /// A real frame (a Kvasir-SEG fixture) preprocessed as the shipped int8 model's manifest says.
 #[cfg(test)]
 pub(crate) fn fixture_input() -> Tensor {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = workspace_root();
     let manifest =
-        crate::manifest::Manifest::load(&root.join("models/polypwatch-edge-int8.toml")).unwrap();
-    let image = crate::preprocess::load_rgb(
+        polypwatch_model::manifest::Manifest::load(&root.join("models/polypwatch-edge-int8.toml"))
+            .unwrap();
+    let image = polypwatch_model::preprocess::load_rgb(
         &root.join("tests/fixtures/kvasir-mini/images/cju0qkwl35piu0993l0dewei2.jpg"),
     )
     .unwrap();

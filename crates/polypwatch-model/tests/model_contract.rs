@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use polypwatch::dataset::Dataset;
-use polypwatch::evaluate::evaluate;
-use polypwatch::model::Segmenter;
+use polypwatch_model::dataset::Dataset;
+use polypwatch_model::evaluate::evaluate;
+use polypwatch_model::model::Segmenter;
 
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("../../tests/fixtures")
         .join(p)
 }
 
@@ -75,9 +75,9 @@ fn truncated_model_file_is_refused_even_with_a_matching_hash() {
     let onnx = dir.path().join("tiny-f32.onnx");
     let bytes = std::fs::read(&onnx).unwrap();
     std::fs::write(&onnx, &bytes[..bytes.len() / 3]).unwrap();
-    let sha = polypwatch::manifest::sha256_file(&onnx).unwrap();
+    let sha = polypwatch_model::manifest::sha256_file(&onnx).unwrap();
     let text = std::fs::read_to_string(&manifest).unwrap();
-    let old = polypwatch::manifest::Manifest::load(&manifest)
+    let old = polypwatch_model::manifest::Manifest::load(&manifest)
         .unwrap()
         .model
         .sha256;

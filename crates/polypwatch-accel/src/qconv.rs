@@ -1241,7 +1241,7 @@ pub(super) fn replacement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accel::{fixture_input, im2col, replace_each, replace_each_wired, shipped_model};
+    use crate::{fixture_input, im2col, replace_each, replace_each_wired, shipped_model};
     use proptest::prelude::*;
     use tract_onnx::tract_core::tract_linalg::Scaler;
 
@@ -1293,7 +1293,7 @@ mod tests {
         let expected = if cfg!(target_arch = "x86_64") { 29 } else { 28 };
         assert_eq!(replaced, expected, "{kernel:?}");
         // And with the dequantizations they feed folded in (the kernel's float store).
-        replace_each(&mut ours, crate::accel::pool::dequantize).unwrap();
+        replace_each(&mut ours, crate::pool::dequantize).unwrap();
         let folded = replace_each_wired(&mut ours, fuse_dequantize).unwrap();
         assert!(folded >= 17, "{kernel:?}: {folded}");
         // And the residual additions and ReLUs those feed (the float epilogue).

@@ -118,9 +118,9 @@ pub fn load_checked(onnx: &Path, manifest: &Manifest) -> Result<TypedModel, Mode
     Ok(model)
 }
 
-/// tract's optimisation followed by our own rewrites (see [`crate::accel`]), made runnable.
+/// tract's optimisation followed by our own rewrites (see [`polypwatch_accel`]), made runnable.
 pub fn optimize(model: TypedModel) -> TractResult<Plan> {
-    let (model, _) = crate::accel::optimize(model)?;
+    let (model, _) = polypwatch_accel::optimize(model)?;
     model.into_runnable()
 }
 
@@ -169,7 +169,7 @@ impl Segmenter {
         }
         let tensor = Tensor::from_shape(&[1, 3, h, w], input)
             .map_err(|e| ModelError::Run(format!("{e:#}")))?;
-        let out = crate::accel::on_tract_threads(|| self.plan.run(tvec!(tensor.into())))
+        let out = polypwatch_accel::on_tract_threads(|| self.plan.run(tvec!(tensor.into())))
             .map_err(|e| ModelError::Run(format!("{e:#}")))?;
         let view = out[0]
             .to_plain_array_view::<f32>()

@@ -300,7 +300,7 @@ pub(super) fn swap_max_pool(model: &mut TypedModel, node: usize) -> TractResult<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accel::shipped_model;
+    use crate::shipped_model;
 
     /// Our pooling then dequantization gives tract's dequantization then pooling, on the
     /// shipped int8 model's pooling and on other geometries, for every byte value.
@@ -381,10 +381,7 @@ mod tests {
             let expected = theirs.clone().into_runnable().unwrap();
             let expected = expected.run(tvec!(x.clone().into())).unwrap();
             let mut ours = theirs;
-            assert_eq!(
-                crate::accel::replace_each(&mut ours, max_pool_f32).unwrap(),
-                1
-            );
+            assert_eq!(crate::replace_each(&mut ours, max_pool_f32).unwrap(), 1);
             let got = ours.into_runnable().unwrap().run(tvec!(x.into())).unwrap();
             assert_eq!(expected[0].shape(), got[0].shape(), "{k} {s} {p}");
             assert!(expected[0].as_bytes() == got[0].as_bytes(), "{k} {s} {p}");
