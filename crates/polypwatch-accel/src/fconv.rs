@@ -39,8 +39,8 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Max};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::SendPtr;
-use super::im2col::Geometry;
+use crate::im2col::Geometry;
+use crate::threads::SendPtr;
 
 mod winograd;
 
@@ -276,7 +276,7 @@ impl FConv {
         let &[m, c] = w.shape() else {
             return None;
         };
-        let (at, strides) = super::through_downsample(model, x);
+        let (at, strides) = crate::patch::through_downsample(model, x);
         let fact = model.outlet_fact(at).ok()?;
         let shape = fact.shape.as_concrete()?;
         let out = model
@@ -405,7 +405,7 @@ impl FConv {
         // Whichever of the input and the weights is larger is read once, the other once per
         // tile or panel (from cache).
         let tiles_outer = x.len() >= self.weights.0.len();
-        super::parallel_rows(tiles * panels, |items| {
+        crate::threads::parallel_rows(tiles * panels, |items| {
             let ptr = &ptr;
             let mut tile = Tile {
                 at: [0; NV],
@@ -687,7 +687,7 @@ fn padded(g: &Geometry, hp: usize, wq: usize, input: Planes) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let zero = |d: &mut [MaybeUninit<f32>]| d.iter_mut().for_each(|d| _ = d.write(0.0));
     // Every element is written once: no memset of the whole buffer first.
-    super::parallel_parts(
+    crate::threads::parallel_parts(
         &mut out.spare_capacity_mut()[..len],
         plane,
         |channels, part| {
@@ -872,7 +872,7 @@ pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixture_input;
+    use crate::testing::fixture_input;
     use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::math;
 
@@ -1218,7 +1218,7 @@ mod tests {
     /// float rounding, the same mask, on a real frame.
     #[test]
     fn shipped_model_keeps_its_logits() {
-        let path = crate::workspace_root().join("models/polypwatch-edge-f32.onnx");
+        let path = crate::testing::workspace_root().join("models/polypwatch-edge-f32.onnx");
         let model = tract_onnx::onnx()
             .model_for_path(path)
             .and_then(|m| m.into_typed()?.into_decluttered())

@@ -177,7 +177,7 @@ impl Geometry {
         let row_len = c4 * sx * wq * 4;
         let mut ram = data.try_as_plain_ram_mut().expect("plain");
         let bytes = ram.as_slice_mut::<u8>().expect("u8");
-        super::parallel_parts(bytes, row_len, |rows, part| {
+        crate::threads::parallel_parts(bytes, row_len, |rows, part| {
             for (yp, out) in rows.zip(part.chunks_exact_mut(row_len)) {
                 let y = yp as isize - self.pad_top;
                 if y < 0 || y >= self.h as isize {
@@ -900,7 +900,7 @@ mod tests {
     /// Every im2col of the shipped int8 model, run by tract and by us on the same input.
     #[test]
     fn matches_tract_on_every_im2col_of_the_shipped_model() {
-        let model = super::super::shipped_model("polypwatch-edge-int8.onnx");
+        let model = crate::testing::shipped_model("polypwatch-edge-int8.onnx");
         let mut seen = 0;
         for node in model.nodes() {
             let Some(op) = node.op_as::<Im2Col>() else {

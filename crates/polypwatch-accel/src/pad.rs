@@ -108,7 +108,7 @@ mod tests {
     /// Every pad of the shipped f32 model, by tract and by us, and one with a nonzero value.
     #[test]
     fn pads_like_tract() {
-        let model = super::super::shipped_model("polypwatch-edge-f32.onnx");
+        let model = crate::testing::shipped_model("polypwatch-edge-f32.onnx");
         // (tract's op, ours, input shape)
         type Case = (Box<dyn TypedOp>, Box<dyn TypedOp>, TVec<usize>);
         let mut cases: Vec<Case> = vec![];

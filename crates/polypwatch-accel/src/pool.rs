@@ -12,7 +12,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::OptMaxPool;
 use tract_onnx::tract_core::ops::quant::DequantizeLinearF32;
 
-use super::im2col::Geometry;
+use crate::im2col::Geometry;
 
 /// Max pooling of a u8 NCHW tensor (2-D, one image); taps outside the image are skipped, as
 /// tract's float pooling skips them (they read minus infinity).
@@ -85,13 +85,13 @@ fn pool_planes<T: Datum + Copy>(
     // SAFETY: `run` writes every element of every plane.
     let mut out = unsafe { Tensor::uninitialized::<T>(&[1, g.c, g.oh, g.ow])? };
     let mut ram = out.try_as_plain_ram_mut()?;
-    super::parallel_parts(ram.as_slice_mut::<T>()?, g.oh * g.ow, |planes, part| {
+    crate::threads::parallel_parts(ram.as_slice_mut::<T>()?, g.oh * g.ow, |planes, part| {
         run(&src[planes.start * g.h * g.w..planes.end * g.h * g.w], part)
     });
     Ok(tvec!(out.into_tvalue()))
 }
 
-super::with_avx512_copy!(MaxPoolU8, run, run_any, input: &[u8], out: &mut [u8]);
+crate::simd::with_avx512_copy!(MaxPoolU8, run, run_any, input: &[u8], out: &mut [u8]);
 
 impl MaxPoolU8 {
     /// Pools the planes of `input` into the planes of `out`.
@@ -108,7 +108,7 @@ pub struct MaxPoolF32 {
     geo: Geometry,
 }
 
-super::with_avx512_copy!(MaxPoolF32, run, run_any, input: &[f32], out: &mut [f32]);
+crate::simd::with_avx512_copy!(MaxPoolF32, run, run_any, input: &[f32], out: &mut [f32]);
 
 impl MaxPoolF32 {
     /// Pools the planes of `input` into the planes of `out`.
@@ -193,7 +193,7 @@ pub struct Dequantize {
     pub(super) zero_point: i32,
 }
 
-super::with_avx512_copy!(Dequantize, run, run_any, xs: &[u8], ys: &mut [f32]);
+crate::simd::with_avx512_copy!(Dequantize, run, run_any, xs: &[u8], ys: &mut [f32]);
 
 impl Dequantize {
     #[inline(always)]
@@ -223,7 +223,7 @@ impl EvalOp for Dequantize {
         // SAFETY: every element is written below.
         let mut out = unsafe { Tensor::uninitialized::<f32>(input.shape())? };
         let mut ram = out.try_as_plain_ram_mut()?;
-        super::parallel_parts(ram.as_slice_mut::<f32>()?, 1 << 14, |rows, part| {
+        crate::threads::parallel_parts(ram.as_slice_mut::<f32>()?, 1 << 14, |rows, part| {
             let from = rows.start << 14;
             self.run(&xs[from..from + part.len()], part)
         });
@@ -300,7 +300,7 @@ pub(super) fn swap_max_pool(model: &mut TypedModel, node: usize) -> TractResult<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shipped_model;
+    use crate::testing::shipped_model;
 
     /// Our pooling then dequantization gives tract's dequantization then pooling, on the
     /// shipped int8 model's pooling and on other geometries, for every byte value.
@@ -381,7 +381,10 @@ mod tests {
             let expected = theirs.clone().into_runnable().unwrap();
             let expected = expected.run(tvec!(x.clone().into())).unwrap();
             let mut ours = theirs;
-            assert_eq!(crate::replace_each(&mut ours, max_pool_f32).unwrap(), 1);
+            assert_eq!(
+                crate::patch::replace_each(&mut ours, max_pool_f32).unwrap(),
+                1
+            );
             let got = ours.into_runnable().unwrap().run(tvec!(x.into())).unwrap();
             assert_eq!(expected[0].shape(), got[0].shape(), "{k} {s} {p}");
             assert!(expected[0].as_bytes() == got[0].as_bytes(), "{k} {s} {p}");

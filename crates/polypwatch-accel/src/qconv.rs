@@ -33,8 +33,8 @@ use tract_onnx::tract_core::tract_linalg::mmm::{
 };
 use tract_onnx::tract_core::tract_linalg::pack::PackedI8K4;
 
-use super::SendPtr;
-use super::im2col::{Geometry, Interleaved, PackedIm2Col};
+use crate::im2col::{Geometry, Interleaved, PackedIm2Col};
+use crate::threads::SendPtr;
 
 /// Output channels per tile (rows of the weight panels).
 const MR: usize = 16;
@@ -270,7 +270,7 @@ impl QConv {
     /// it in place; else `(geo, x)` unchanged.
     fn before_downsample(model: &TypedModel, geo: Geometry, x: OutletId) -> (Geometry, OutletId) {
         let unit = geo.kh == 1 && geo.kw == 1 && geo.sy == 1 && geo.sx == 1;
-        let (at, strides) = super::through_downsample(model, x);
+        let (at, strides) = crate::patch::through_downsample(model, x);
         let Some(shape) = model
             .outlet_fact(at)
             .ok()
@@ -721,7 +721,7 @@ impl QConv {
         let ptr = SendPtr(out.as_bytes_mut().as_mut_ptr());
         let residual = SendPtr(residual.cast_mut());
         let (oh, _) = self.geo.out_hw();
-        super::parallel_rows(oh, |rows| {
+        crate::threads::parallel_rows(oh, |rows| {
             let (ptr, residual) = (&ptr, &residual);
             let out = Out {
                 data: ptr.0,
@@ -1142,7 +1142,7 @@ pub(super) fn fuse_dequantize(
     model: &TypedModel,
     node: &TypedNode,
 ) -> Option<(Box<dyn TypedOp>, TVec<OutletId>)> {
-    let dq = node.op_as::<super::pool::Dequantize>()?;
+    let dq = node.op_as::<crate::pool::Dequantize>()?;
     let mut at = *node.inputs.first()?;
     loop {
         if model.outlet_successors(at).len() != 1 || model.outputs.contains(&at) {
@@ -1241,7 +1241,9 @@ pub(super) fn replacement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{fixture_input, im2col, replace_each, replace_each_wired, shipped_model};
+    use crate::im2col;
+    use crate::patch::{replace_each, replace_each_wired};
+    use crate::testing::{fixture_input, shipped_model};
     use proptest::prelude::*;
     use tract_onnx::tract_core::tract_linalg::Scaler;
 

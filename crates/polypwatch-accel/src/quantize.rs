@@ -27,7 +27,7 @@ pub struct Quantize {
     zero_point: u8,
 }
 
-super::with_avx512_copy!(Quantize, run, run_any, xs: &[f32], ys: &mut [u8]);
+crate::simd::with_avx512_copy!(Quantize, run, run_any, xs: &[f32], ys: &mut [u8]);
 
 impl Quantize {
     #[inline(always)]
@@ -67,7 +67,7 @@ impl EvalOp for Quantize {
         let mut out = unsafe { Tensor::uninitialized::<u8>(input.shape())? };
         let mut ram = out.try_as_plain_ram_mut()?;
         let ys = ram.as_slice_mut::<u8>()?;
-        super::parallel_parts(ys, 1 << 14, |rows, part| {
+        crate::threads::parallel_parts(ys, 1 << 14, |rows, part| {
             let from = rows.start << 14;
             self.run(&xs[from..from + part.len()], part)
         });
@@ -146,7 +146,7 @@ impl EvalOp for QuantizeConcat {
             let xs = input.try_as_plain_ram()?;
             let xs = xs.as_slice::<f32>()?;
             let (block, tail) = std::mem::take(&mut rest).split_at_mut(xs.len());
-            super::parallel_parts(block, 1 << 14, |rows, part| {
+            crate::threads::parallel_parts(block, 1 << 14, |rows, part| {
                 let from = rows.start << 14;
                 self.quantize.run(&xs[from..from + part.len()], part)
             });

@@ -193,7 +193,7 @@ impl Bilinear {
     /// Resamples the `h x w` planes of `input` into the planes of `out`.
     fn run(&self, input: &[f32], h: usize, w: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::has_avx512() {
+        if crate::simd::has_avx512() {
             // SAFETY: the CPU has AVX-512 F and BW.
             return unsafe { self.run_avx512(input, h, w, out) };
         }
@@ -297,7 +297,7 @@ impl EvalOp for Bilinear {
         let src = input.try_as_plain_ram()?.as_slice::<f32>()?;
         let mut ram = out.try_as_plain_ram_mut()?;
         let dst = ram.as_slice_mut::<f32>()?;
-        super::parallel_parts(dst, oh * ow, |planes, part| {
+        crate::threads::parallel_parts(dst, oh * ow, |planes, part| {
             self.run(&src[planes.start * h * w..planes.end * h * w], h, w, part)
         });
         Ok(tvec!(out.into_tvalue()))
@@ -362,7 +362,7 @@ mod tests {
     #[test]
     fn matches_tract_on_the_shipped_models_to_the_bit() {
         for name in ["polypwatch-edge-f32.onnx", "polypwatch-edge-int8.onnx"] {
-            let model = super::super::shipped_model(name);
+            let model = crate::testing::shipped_model(name);
             let mut seen = 0;
             for node in model.nodes() {
                 let Some(ours) = replacement(&model, node) else {

@@ -445,7 +445,7 @@ impl FConv {
         let (c, m, tpad) = (g.c, self.m, wg.tpad);
         let mut v: Vec<f32> = Vec::with_capacity(K * m * tpad);
         let ptr = SendPtr(v.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        let threads = super::super::threads();
+        let threads = crate::threads::threads();
         if wg.blocks >= 4 * threads {
             // Enough blocks to share: each block's transformed input is made, multiplied and
             // dropped while in cache (the whole of it for the decoder's 64x64 map is 11.5 MB,
@@ -455,7 +455,7 @@ impl FConv {
                 blocks: 1,
                 first: b * NV,
             };
-            super::super::parallel_rows(wg.blocks, |blocks| {
+            crate::threads::parallel_rows(wg.blocks, |blocks| {
                 let ptr = &ptr;
                 // Zeroed once: a last block of fewer than `NV` vectors leaves the rest as it is
                 // (finite, and never read).
@@ -492,7 +492,7 @@ impl FConv {
             };
             let mut u: Vec<f32> = Vec::with_capacity(u_len);
             let uptr = SendPtr(u.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-            super::super::parallel_rows(c, |channels| {
+            crate::threads::parallel_rows(c, |channels| {
                 let uptr = &uptr;
                 for ci in channels {
                     // SAFETY: channel `ci`'s vectors of `u` are this thread's alone.
@@ -511,7 +511,7 @@ impl FConv {
             // SAFETY: every float of `u` was written just above.
             unsafe { u.set_len(u_len) };
             let panels = self.panels();
-            super::super::parallel_rows(K * wg.blocks * panels, |items| {
+            crate::threads::parallel_rows(K * wg.blocks * panels, |items| {
                 let ptr = &ptr;
                 for i in items {
                     let (kb, p) = (i / panels, i % panels);
@@ -523,7 +523,7 @@ impl FConv {
         }
         // SAFETY: the product wrote every float but the line of padding a channel.
         unsafe { v.set_len(K * m * tpad) };
-        super::super::parallel_parts(out, g.oh * g.ow, |channels, part| {
+        crate::threads::parallel_parts(out, g.oh * g.ow, |channels, part| {
             for (mi, plane) in channels.zip(part.chunks_mut(g.oh * g.ow)) {
                 let r = residual.map(|r| &r[mi * g.oh * g.ow..][..g.oh * g.ow]);
                 self.transform_output(wg, &v, mi, r, plane);
