@@ -16,8 +16,11 @@
 //! - [`passes`]: the rewrites as a named, ordered list ([`PASSES`]), [`optimize`] and
 //!   [`rewrite`] that run it, each pass's count keyed by name ([`Rewrites`]), and passes switched
 //!   off by name for profiling (`POLYPWATCH_ACCEL_OFF=qconv,fconv`).
-//! - One module per operator: [`qconv`], [`im2col`], [`fconv`], [`pool`], [`quantize`],
-//!   [`resize`], [`pad`].
+//! - One folder per operator, laid out as tract lays out its own: [`qconv`], [`im2col`],
+//!   [`fconv`], [`pool`], [`quantize`], [`resize`], [`pad`]. In each, `mod.rs` is the operator
+//!   (and its portable kernel), `rule.rs` the rewrite rule (match tract's nodes, then build the
+//!   operator), `x86_64.rs` (and `aarch64.rs`) the kernels for one architecture, `tests.rs` the
+//!   comparisons with tract.
 //! - Shared helpers: `patch` (applying a rule to every node), `threads` (sharing work between
 //!   tract's threads; [`on_tract_threads`]), `simd` (run-time dispatch to AVX-512 copies) and,
 //!   for the tests, `testing` (the shipped models and a real frame).
