@@ -5,10 +5,21 @@
 //! about 10% of a frame. [`Bilinear`] runs the same two passes with the same interpolation
 //! plan (tract's own `plan_axis`), rows at a time, and adds the taps in tract's order, so its
 //! output is identical to the bit.
+//!
+//! Here: the operator and its portable passes; `rule` matches tract's `Resize`; `x86_64` holds
+//! the AVX-512 column pass; `tests` checks it against tract.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::nn::resize::{AxisPlan, Interpolator, Resize};
+use tract_onnx::tract_core::ops::nn::resize::AxisPlan;
+
+mod rule;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+pub(crate) use rule::replacement;
 
 /// One axis of the plan: `window` source indices and weights per output index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -117,45 +128,6 @@ impl Lanes {
             .collect::<Option<Vec<_>>>()?;
         Some(Lanes { w, chunks })
     }
-
-    /// The two-tap column pass of one row, 16 outputs per step: `(0.0 + w0 * a) + w1 * b`
-    /// with a zero weight's term left out, as tract adds them (a left-out term adds +0.0 to a
-    /// sum that cannot be -0.0, so the bits are the same).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F; `row` is `self.w` wide and `out` the chunks' outputs.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn columns(&self, row: &[f32], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        assert!(row.len() == self.w && out.len() >= self.chunks.iter().map(|c| c.len).sum());
-        let mut padded = [0f32; 16];
-        let row = if self.w < 16 {
-            padded[..self.w].copy_from_slice(row);
-            &padded[..]
-        } else {
-            row
-        };
-        for (c, x0) in self.chunks.iter().zip((0..).step_by(16)) {
-            // SAFETY: lo + 16 <= row.len() (built so) and x0 + len <= out.len() (asserted).
-            unsafe {
-                let src = _mm512_loadu_ps(row.as_ptr().add(c.lo));
-                let load = |v: &[u32; 16]| _mm512_loadu_si512(v.as_ptr().cast());
-                let a = _mm512_permutexvar_ps(load(&c.idx0), src);
-                let b = _mm512_permutexvar_ps(load(&c.idx1), src);
-                let w0 = _mm512_castsi512_ps(load(&c.w0));
-                let w1 = _mm512_castsi512_ps(load(&c.w1));
-                let acc = _mm512_add_ps(_mm512_setzero_ps(), _mm512_maskz_mul_ps(c.nz0, w0, a));
-                let acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(c.nz1, w1, b));
-                let keep = if c.len == 16 {
-                    u16::MAX
-                } else {
-                    (1u16 << c.len) - 1
-                };
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(x0), keep, acc);
-            }
-        }
-    }
 }
 
 /// First and second taps of every output column.
@@ -193,7 +165,7 @@ impl Bilinear {
     /// Resamples the `h x w` planes of `input` into the planes of `out`.
     fn run(&self, input: &[f32], h: usize, w: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::has_avx512() {
+        if crate::simd::has_avx512() {
             // SAFETY: the CPU has AVX-512 F and BW.
             return unsafe { self.run_avx512(input, h, w, out) };
         }
@@ -297,7 +269,7 @@ impl EvalOp for Bilinear {
         let src = input.try_as_plain_ram()?.as_slice::<f32>()?;
         let mut ram = out.try_as_plain_ram_mut()?;
         let dst = ram.as_slice_mut::<f32>()?;
-        super::parallel_parts(dst, oh * ow, |planes, part| {
+        crate::threads::parallel_parts(dst, oh * ow, |planes, part| {
             self.run(&src[planes.start * h * w..planes.end * h * w], h, w, part)
         });
         Ok(tvec!(out.into_tvalue()))
@@ -316,81 +288,5 @@ impl TypedOp for Bilinear {
             self.rows.len_out().to_dim(),
             self.cols.len_out().to_dim(),
         ])))
-    }
-}
-
-/// The replacement for `node` if it is a linear `Resize` of the last two axes of a static f32
-/// NCHW tensor.
-pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dyn TypedOp>> {
-    let op = node.op_as::<Resize>()?;
-    if !matches!(op.interpolator, Interpolator::Linear) {
-        return None;
-    }
-    let input = model.outlet_fact(node.inputs[0]).ok()?;
-    let output = &node.outputs[0].fact;
-    if input.datum_type != f32::datum_type() || output.datum_type != f32::datum_type() {
-        return None;
-    }
-    let (i, o) = (input.shape.as_concrete()?, output.shape.as_concrete()?);
-    if i.len() != 4 || o.len() != 4 || i[..2] != o[..2] {
-        return None;
-    }
-    // The scales tract's eval would use: the scales input when it names every axis, else the
-    // ratio of sizes.
-    let given: Option<Vec<f32>> = op
-        .optional_scales_input
-        .and_then(|ix| node.inputs.get(ix))
-        .and_then(|&outlet| model.outlet_fact(outlet).ok()?.konst.clone())
-        .filter(|t| t.len() == 4)
-        .and_then(|t| {
-            let t = t.cast_to::<f32>().ok()?;
-            Some(t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec())
-        });
-    let scales = given.unwrap_or_else(|| (0..4).map(|a| o[a] as f32 / i[a] as f32).collect());
-    if scales[0] != 1.0 || scales[1] != 1.0 {
-        return None;
-    }
-    let rows = Axis::from_plan(&op.plan_axis(scales[2], i[2], o[2]))?;
-    let cols = Axis::from_plan(&op.plan_axis(scales[3], i[3], o[3]))?;
-    Some(Box::new(Bilinear::new(rows, cols, i[3])))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    /// Every bilinear resize of the shipped f32 and int8 models, run by tract and by us.
-    #[test]
-    fn matches_tract_on_the_shipped_models_to_the_bit() {
-        for name in ["polypwatch-edge-f32.onnx", "polypwatch-edge-int8.onnx"] {
-            let model = super::super::shipped_model(name);
-            let mut seen = 0;
-            for node in model.nodes() {
-                let Some(ours) = replacement(&model, node) else {
-                    continue;
-                };
-                let fact = model.outlet_fact(node.inputs[0]).unwrap();
-                let shape = fact.shape.as_concrete().unwrap();
-                let len: usize = shape.iter().product();
-                let data: Vec<f32> = (0..len)
-                    .map(|i| ((i * 7919) % 1009) as f32 / 97.0 - 5.0)
-                    .collect();
-                let mut inputs: TVec<TValue> =
-                    tvec!(Tensor::from_shape(shape, &data).unwrap().into_tvalue());
-                for extra in &node.inputs[1..] {
-                    let k = model.outlet_fact(*extra).unwrap().konst.clone().unwrap();
-                    inputs.push(k.into_tvalue());
-                }
-                let theirs = node.op.eval_out_of_plan(inputs.clone()).unwrap().unwrap();
-                let mine = ours.eval_out_of_plan(inputs[..1].into()).unwrap().unwrap();
-                assert_eq!(theirs[0].shape(), mine[0].shape(), "{}", node.name);
-                assert!(
-                    theirs[0].as_bytes() == mine[0].as_bytes(),
-                    "{} differs",
-                    node.name
-                );
-                seen += 1;
-            }
-            assert!(seen >= 2, "{name}: only {seen} resizes");
-        }
     }
 }

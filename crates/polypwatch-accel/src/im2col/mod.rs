@@ -13,16 +13,33 @@
 //! ([`PackedFormat`]: `k * r + lane` per panel; [`PackedI8K4`]: four taps per lane, for the
 //! VNNI / dot-product kernels); any other `Im2col` is left to tract. The unit tests check every
 //! byte against tract's own packers and the model tests against tract's `Im2col`.
+//!
+//! Here: the geometry, the layouts and the operator; `rule` matches tract's `Im2col`; the
+//! byte interleaves per architecture in `x86_64` and `aarch64`; `tests` checks every byte
+//! against tract.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::conv::Im2Col;
 use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::tract_linalg::mmm::{
     EagerPackedInput, MMMInputFormat, PackedExoticFact, PackedMatrixStorage,
 };
 use tract_onnx::tract_core::tract_linalg::pack::{PackedFormat, PackedI8K4};
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+mod rule;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+use aarch64::store4x8;
+pub(crate) use rule::replacement;
+#[cfg(target_arch = "x86_64")]
+use x86_64::{has_avx512_vbmi, interleave4x16, store4x8};
 
 /// The packed layout [`PackedIm2Col`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -177,7 +194,7 @@ impl Geometry {
         let row_len = c4 * sx * wq * 4;
         let mut ram = data.try_as_plain_ram_mut().expect("plain");
         let bytes = ram.as_slice_mut::<u8>().expect("u8");
-        super::parallel_parts(bytes, row_len, |rows, part| {
+        crate::threads::parallel_parts(bytes, row_len, |rows, part| {
             for (yp, out) in rows.zip(part.chunks_exact_mut(row_len)) {
                 let y = yp as isize - self.pad_top;
                 if y < 0 || y >= self.h as isize {
@@ -479,32 +496,6 @@ fn bytes_mut<T: Copy>(s: &mut [T]) -> Option<&mut [u8]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
 }
 
-/// `dst[4 l + j] = rows[j][l]` for `l < 8`, from the low 8 bytes of four registers: two unpack
-/// steps (SSE2, part of x86-64).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn store4x8(rows: [std::arch::x86_64::__m128i; 4], dst: &mut [u8; 32]) {
-    use std::arch::x86_64::*;
-    let [r0, r1, r2, r3] = rows;
-    // SAFETY: SSE2 is part of x86-64; the stores are unaligned ones within `dst`.
-    unsafe {
-        let a = _mm_unpacklo_epi8(r0, r1);
-        let b = _mm_unpacklo_epi8(r2, r3);
-        _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_unpacklo_epi16(a, b));
-        _mm_storeu_si128(dst.as_mut_ptr().add(16).cast(), _mm_unpackhi_epi16(a, b));
-    }
-}
-
-/// `dst[4 l + j] = rows[j][l]` for `l < 8`: one `st4` (NEON, part of aarch64).
-#[cfg(target_arch = "aarch64")]
-#[inline(always)]
-fn store4x8(rows: [std::arch::aarch64::uint8x8_t; 4], dst: &mut [u8; 32]) {
-    use std::arch::aarch64::*;
-    let [r0, r1, r2, r3] = rows;
-    // SAFETY: NEON is part of aarch64; the store writes the 32 bytes of `dst`.
-    unsafe { vst4_u8(dst.as_mut_ptr(), uint8x8x4_t(r0, r1, r2, r3)) }
-}
-
 /// `dst[4 l + j] = src[at[j] + l]` for `l < 8`: four runs of 8 bytes, interleaved; two
 /// unpack steps on x86-64 (SSE2, always present), one `st4` on aarch64.
 #[inline(always)]
@@ -564,61 +555,6 @@ fn interleave4x8_stride2(src: &[u8], at: [usize; 4], dst: &mut [u8]) {
     }
 }
 
-/// Whether this CPU has AVX-512 VBMI (byte permutations), for [`interleave4x16`].
-#[cfg(target_arch = "x86_64")]
-fn has_avx512_vbmi() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vbmi")
-}
-
-/// `dst[4 l + j] = src[at[j] + sx * l]` for `l < 16`, `sx` 1 or 2: one byte permutation of the
-/// four rows (two for stride 2, which keeps the even bytes).
-///
-/// # Safety
-/// The CPU has AVX-512 F, BW and VBMI; `at[j] + 16 * sx <= src.len()`; `dst` is 64 bytes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-#[inline]
-unsafe fn interleave4x16(src: &[u8], at: [usize; 4], sx: usize, dst: &mut [u8]) {
-    use std::arch::x86_64::*;
-    assert!(dst.len() == 64 && at.iter().all(|&a| a + 16 * sx <= src.len()));
-    // Output byte 4 l + j reads row j's byte sx * l, rows `16 * sx` bytes apart in the table.
-    const fn index(sx: usize) -> [u8; 64] {
-        let mut idx = [0u8; 64];
-        let mut b = 0;
-        while b < 64 {
-            idx[b] = ((b % 4) * 16 * sx + sx * (b / 4)) as u8;
-            b += 1;
-        }
-        idx
-    }
-    const STRIDE1: [u8; 64] = index(1);
-    const STRIDE2: [u8; 64] = index(2);
-    let index = |idx: &[u8; 64]| -> __m512i {
-        // SAFETY: 64 bytes.
-        unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
-    };
-    // SAFETY: the loads read `16 * sx` bytes from each `at[j]` (asserted), the store 64.
-    unsafe {
-        let p = src.as_ptr();
-        let out = if sx == 1 {
-            let rows = at.map(|a| _mm_loadu_si128(p.add(a).cast()));
-            let lo = _mm256_set_m128i(rows[1], rows[0]);
-            let hi = _mm256_set_m128i(rows[3], rows[2]);
-            let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-            _mm512_permutexvar_epi8(index(&STRIDE1), z)
-        } else {
-            let rows = at.map(|a| _mm256_loadu_si256(p.add(a).cast()));
-            let z0 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(rows[0]), rows[1]);
-            let z1 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(rows[2]), rows[3]);
-            // Rows 0-1 are table bytes 0..64, rows 2-3 bytes 64..128.
-            _mm512_permutex2var_epi8(z0, index(&STRIDE2), z1)
-        };
-        _mm512_storeu_si512(dst.as_mut_ptr().cast(), out);
-    }
-}
-
 /// im2col into the packed panels of tract's matrix-product kernel; a drop-in replacement for
 /// tract's `Im2col` node (same inputs, same output) on single-group 2-D convolutions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -630,27 +566,6 @@ pub struct PackedIm2Col {
 }
 
 impl PackedIm2Col {
-    /// The replacement for an `Im2col` whose output fact is `output`, or `None` where this op
-    /// does not cover it (groups, 1-D or 3-D kernels, another packing).
-    pub fn replacing(op: &Im2Col, input: &TypedFact, output: &TypedFact) -> Option<Self> {
-        let pof = output
-            .exotic_fact
-            .as_ref()?
-            .downcast_ref::<PackedExoticFact>()?;
-        let spec = &op.pool_spec;
-        let shape = input.shape.as_concrete()?;
-        let geo = Geometry::new(spec, shape).ok()?;
-        let layout = Layout::of(&*pof.format, input.datum_type, pof.k)?;
-        (op.group == 1 && geo.k() == pof.k && pof.mn.to_usize().ok() == Some(geo.n())).then(|| {
-            PackedIm2Col {
-                pool_spec: spec.clone(),
-                format: pof.format.clone(),
-                layout,
-                k: pof.k,
-            }
-        })
-    }
-
     /// The geometry of this im2col on an input of `shape`.
     pub(super) fn geometry(&self, shape: &[usize]) -> TractResult<Geometry> {
         Geometry::new(&self.pool_spec, shape)
@@ -747,187 +662,5 @@ impl TypedOp for PackedIm2Col {
                 .fact([1usize, 1])
                 .with_exotic_fact(fact)
         ))
-    }
-}
-
-/// The replacement for `node` if it is an `Im2col` that [`PackedIm2Col`] covers.
-pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dyn TypedOp>> {
-    let op = node.op_as::<Im2Col>()?;
-    let input = model.outlet_fact(node.inputs[0]).ok()?;
-    PackedIm2Col::replacing(op, input, &node.outputs[0].fact).map(|op| Box::new(op) as _)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tract_onnx::tract_core::ops::cnn::PaddingSpec;
-
-    fn packed_bytes(t: &Tensor) -> Vec<u8> {
-        let storage = t.try_storage_as::<PackedMatrixStorage>().unwrap();
-        assert_eq!(storage.values().len(), 1);
-        let eager = storage.value().downcast_ref::<EagerPackedInput>().unwrap();
-        eager.packed.as_bytes().to_vec()
-    }
-
-    /// The im2col matrix `[k, n]` computed the obvious way.
-    fn naive(geo: &Geometry, input: &[u8], pad: u8) -> Vec<u8> {
-        let (k, n) = (geo.k(), geo.n());
-        let mut m = vec![0u8; k * n];
-        for c in 0..geo.c {
-            for ky in 0..geo.kh {
-                for kx in 0..geo.kw {
-                    let t = (c * geo.kh + ky) * geo.kw + kx;
-                    for oy in 0..geo.oh {
-                        for ox in 0..geo.ow {
-                            let y = (oy * geo.sy + ky * geo.dy) as isize - geo.pad_top;
-                            let x = (ox * geo.sx + kx * geo.dx) as isize - geo.pad_left;
-                            let inside =
-                                y >= 0 && x >= 0 && (y as usize) < geo.h && (x as usize) < geo.w;
-                            m[t * n + oy * geo.ow + ox] = if inside {
-                                input[(c * geo.h + y as usize) * geo.w + x as usize]
-                            } else {
-                                pad
-                            };
-                        }
-                    }
-                }
-            }
-        }
-        m
-    }
-
-    fn spec(k: usize, stride: usize, dilation: usize, pad: usize) -> PoolSpec {
-        PoolSpec {
-            data_format: DataFormat::NCHW,
-            kernel_shape: tvec!(k, k),
-            padding: PaddingSpec::Explicit(tvec!(pad, pad), tvec!(pad, pad)),
-            dilations: Some(tvec!(dilation, dilation)),
-            strides: Some(tvec!(stride, stride)),
-            input_channels: 0,
-            output_channels: 0,
-        }
-    }
-
-    /// `(channels, height, width, kernel, stride, dilation, padding)`: every kind of
-    /// convolution in our models (7x7 stride 2, 3x3 padded, dilated past the image, 1x1) and
-    /// sizes that leave partial panels, tap groups, channel groups and runs of 8 or 16.
-    const GEOMETRIES: [(usize, usize, usize, usize, usize, usize, usize); 12] = [
-        (3, 19, 23, 7, 2, 1, 3),
-        (5, 9, 11, 3, 1, 1, 1),
-        (4, 8, 8, 3, 1, 6, 6),
-        (2, 6, 5, 3, 1, 12, 12),
-        (6, 7, 7, 1, 1, 1, 0),
-        (3, 10, 9, 3, 2, 1, 1),
-        (3, 16, 16, 3, 1, 1, 1),
-        (2, 32, 32, 3, 2, 1, 1),
-        (8, 16, 32, 3, 1, 2, 2),
-        (7, 40, 37, 3, 2, 1, 1),
-        (4, 12, 29, 5, 3, 1, 2),
-        (9, 33, 35, 1, 1, 1, 0),
-    ];
-
-    /// Every tap of every pixel read from the interleaved layout is the im2col matrix's value,
-    /// for x strides 1, 2 and 3, dilations, padding, channel counts that leave a partial group
-    /// of four and widths that leave partial runs of eight.
-    #[test]
-    fn interleaved_layout_holds_every_tap() {
-        for (c, h, w, k, stride, dilation, pad) in GEOMETRIES {
-            let geo = Geometry::new(&spec(k, stride, dilation, pad), &[1, c, h, w]).unwrap();
-            let input: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 251) as u8 + 1).collect();
-            let matrix = naive(&geo, &input, 0xEE);
-            let x = geo.interleaved(&input, 0xEE);
-            let taps = geo.interleaved_taps(&x);
-            for oy in 0..geo.oh {
-                for ox in 0..geo.ow {
-                    let base = geo.interleaved_base(&x, oy, ox);
-                    for ci in 0..c {
-                        for (t, &tap) in taps.iter().enumerate() {
-                            let at = base + tap + (ci / 4) * x.group_stride() + ci % 4;
-                            let want = matrix[(ci * taps.len() + t) * geo.n() + oy * geo.ow + ox];
-                            assert_eq!(
-                                x.bytes()[at],
-                                want,
-                                "{:?} pixel {oy},{ox} c {ci} tap {t}",
-                                (c, h, w, k, stride, dilation, pad)
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every layout byte against tract's own packers fed the naive matrix, over the kinds of
-    /// convolution in our models: 7x7 stride 2, 3x3 padded, dilated past the image, 1x1, and
-    /// sizes that leave partial panels and partial tap groups.
-    #[test]
-    fn packs_the_same_bytes_as_tracts_packers() {
-        for (c, h, w, k, stride, dilation, pad) in GEOMETRIES {
-            let geo = Geometry::new(&spec(k, stride, dilation, pad), &[1, c, h, w]).unwrap();
-            let input: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 251) as u8 + 1).collect();
-            let matrix = naive(&geo, &input, 0xEE);
-            let t = Tensor::from_shape(&[geo.k(), geo.n()], &matrix).unwrap();
-            let formats: Vec<Box<dyn MMMInputFormat>> = vec![
-                Box::new(PackedI8K4::new(8)),
-                Box::new(PackedI8K4::new(16)),
-                Box::new(PackedFormat::new(DatumType::U8, 8, 16)),
-                Box::new(PackedFormat::new(DatumType::U8, 4, 4)),
-            ];
-            for format in formats {
-                let layout = Layout::of(&*format, DatumType::U8, geo.k()).unwrap();
-                let len = geo.n().div_ceil(layout.r()) * layout.panel_len(geo.k());
-                let mut ours = vec![0x55u8; len];
-                geo.write(&input, 0xEE, layout, &mut ours);
-                let theirs = format.prepare_one(&t, 0, 1).unwrap();
-                let theirs = theirs.downcast_ref::<EagerPackedInput>().unwrap();
-                let theirs = theirs.packed.as_bytes();
-                // tract's PackedFormat pads the panel for alignment; those bytes are not read.
-                let rk = match layout {
-                    Layout::KMajor { r, .. } => geo.k() * r,
-                    Layout::K4 { .. } => layout.panel_len(geo.k()),
-                };
-                for (p, (a, b)) in ours
-                    .chunks(layout.panel_len(geo.k()))
-                    .zip(theirs.chunks(layout.panel_len(geo.k())))
-                    .enumerate()
-                {
-                    assert_eq!(a[..rk], b[..rk], "{geo:?} {format} panel {p}");
-                }
-            }
-        }
-    }
-
-    /// Every im2col of the shipped int8 model, run by tract and by us on the same input.
-    #[test]
-    fn matches_tract_on_every_im2col_of_the_shipped_model() {
-        let model = super::super::shipped_model("polypwatch-edge-int8.onnx");
-        let mut seen = 0;
-        for node in model.nodes() {
-            let Some(op) = node.op_as::<Im2Col>() else {
-                continue;
-            };
-            let fact = model.outlet_fact(node.inputs[0]).unwrap();
-            let ours = PackedIm2Col::replacing(op, fact, &node.outputs[0].fact)
-                .unwrap_or_else(|| panic!("{} not covered", node.name));
-            let shape = fact.shape.as_concrete().unwrap();
-            let len: usize = shape.iter().product();
-            let data: Vec<i8> = (0..len).map(|i| (i * 7919 % 251) as i8).collect();
-            let mut inputs: TVec<TValue> =
-                tvec!(Tensor::from_shape(shape, &data).unwrap().into_tvalue());
-            if let Some(pad) = node.inputs.get(1) {
-                let k = model.outlet_fact(*pad).unwrap().konst.clone().unwrap();
-                inputs.push(k.into_tvalue());
-            }
-            let theirs = op.eval_out_of_plan(inputs.clone()).unwrap().unwrap();
-            let mine = ours.eval_out_of_plan(inputs).unwrap().unwrap();
-            assert_eq!(
-                packed_bytes(&theirs[0]),
-                packed_bytes(&mine[0]),
-                "{}",
-                node.name
-            );
-            seen += 1;
-        }
-        assert!(seen > 10, "only {seen} im2col nodes");
     }
 }

@@ -16,6 +16,9 @@ use super::{
 use std::ops::Range;
 use std::sync::Arc;
 
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
 /// Positions of a transformed 4x4 patch.
 const K: usize = 16;
 
@@ -200,111 +203,6 @@ impl Lanes for [f32; LANES] {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{LANES, Lanes};
-    use std::arch::x86_64::*;
-
-    fn mask(n: usize) -> __mmask16 {
-        if n >= LANES { !0 } else { (1 << n) - 1 }
-    }
-
-    // Only called from functions compiled with AVX-512 F (`FConv::transform_*`), into which
-    // these inline.
-    impl Lanes for __m512 {
-        #[inline(always)]
-        unsafe fn load(p: *const f32, n: usize) -> Self {
-            // SAFETY: the caller's; masked lanes are not read.
-            unsafe { _mm512_maskz_loadu_ps(mask(n), p) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32, n: usize) {
-            // SAFETY: the caller's; masked lanes are not written.
-            unsafe { _mm512_mask_storeu_ps(p, mask(n), self) }
-        }
-        #[inline(always)]
-        fn add(self, o: Self) -> Self {
-            // SAFETY: AVX-512 F, as above.
-            unsafe { _mm512_add_ps(self, o) }
-        }
-        #[inline(always)]
-        fn sub(self, o: Self) -> Self {
-            // SAFETY: AVX-512 F, as above.
-            unsafe { _mm512_sub_ps(self, o) }
-        }
-        #[inline(always)]
-        fn splat(v: f32) -> Self {
-            // SAFETY: AVX-512 F, as above.
-            unsafe { _mm512_set1_ps(v) }
-        }
-        #[inline(always)]
-        fn relu(self) -> Self {
-            // SAFETY: AVX-512 F, as above. `max(x, 0)` returns the second operand unless
-            // `x > 0`.
-            unsafe { _mm512_max_ps(self, _mm512_setzero_ps()) }
-        }
-        #[inline(always)]
-        unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self {
-            // SAFETY: the caller's: lanes with `at >= 0` are inside `x`, the others masked.
-            unsafe {
-                let idx = _mm512_loadu_si512(at.as_ptr().cast());
-                let live = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
-                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, idx, x.as_ptr())
-            }
-        }
-        #[inline(always)]
-        unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]) {
-            // SAFETY: the caller's: lanes with `at >= 0` are inside `x`, the others masked.
-            unsafe {
-                let idx = _mm512_loadu_si512(at.as_ptr().cast());
-                let live = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
-                _mm512_mask_i32scatter_ps::<4>(x.as_mut_ptr(), live, idx, self)
-            }
-        }
-        #[inline(always)]
-        fn even_odd(row: &[f32], first: isize) -> (Self, Self) {
-            // Lanes of the 32 floats from `first` that are inside `row`.
-            let inside = |from: isize| -> __mmask16 {
-                let lo = (-from).clamp(0, LANES as isize);
-                let hi = (row.len() as isize - from).clamp(lo, LANES as isize);
-                if hi <= lo {
-                    0
-                } else {
-                    mask(hi as usize) & !mask(lo as usize)
-                }
-            };
-            let p = row.as_ptr().wrapping_offset(first);
-            // SAFETY: AVX-512 F, as above; masked lanes are not read, the others are inside
-            // `row`.
-            unsafe {
-                let a = _mm512_maskz_loadu_ps(inside(first), p);
-                let b = _mm512_maskz_loadu_ps(inside(first + 16), p.wrapping_add(16));
-                let even =
-                    _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-                let odd =
-                    _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-                (
-                    _mm512_permutex2var_ps(a, even, b),
-                    _mm512_permutex2var_ps(a, odd, b),
-                )
-            }
-        }
-        #[inline(always)]
-        fn interleave(a: Self, b: Self) -> (Self, Self) {
-            // SAFETY: AVX-512 F, as above.
-            unsafe {
-                let lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-                let hi =
-                    _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-                (
-                    _mm512_permutex2var_ps(a, lo, b),
-                    _mm512_permutex2var_ps(a, hi, b),
-                )
-            }
-        }
-    }
-}
-
 /// Where the transformed input of vectors `first..` goes: `[k][block][c][NV * LANES]`, what
 /// one tile kernel reads contiguous (it read 176 strided streams before, too many for the
 /// prefetcher).
@@ -445,7 +343,7 @@ impl FConv {
         let (c, m, tpad) = (g.c, self.m, wg.tpad);
         let mut v: Vec<f32> = Vec::with_capacity(K * m * tpad);
         let ptr = SendPtr(v.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        let threads = super::super::threads();
+        let threads = crate::threads::threads();
         if wg.blocks >= 4 * threads {
             // Enough blocks to share: each block's transformed input is made, multiplied and
             // dropped while in cache (the whole of it for the decoder's 64x64 map is 11.5 MB,
@@ -455,7 +353,7 @@ impl FConv {
                 blocks: 1,
                 first: b * NV,
             };
-            super::super::parallel_rows(wg.blocks, |blocks| {
+            crate::threads::parallel_rows(wg.blocks, |blocks| {
                 let ptr = &ptr;
                 // Zeroed once: a last block of fewer than `NV` vectors leaves the rest as it is
                 // (finite, and never read).
@@ -492,7 +390,7 @@ impl FConv {
             };
             let mut u: Vec<f32> = Vec::with_capacity(u_len);
             let uptr = SendPtr(u.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-            super::super::parallel_rows(c, |channels| {
+            crate::threads::parallel_rows(c, |channels| {
                 let uptr = &uptr;
                 for ci in channels {
                     // SAFETY: channel `ci`'s vectors of `u` are this thread's alone.
@@ -511,7 +409,7 @@ impl FConv {
             // SAFETY: every float of `u` was written just above.
             unsafe { u.set_len(u_len) };
             let panels = self.panels();
-            super::super::parallel_rows(K * wg.blocks * panels, |items| {
+            crate::threads::parallel_rows(K * wg.blocks * panels, |items| {
                 let ptr = &ptr;
                 for i in items {
                     let (kb, p) = (i / panels, i % panels);
@@ -523,7 +421,7 @@ impl FConv {
         }
         // SAFETY: the product wrote every float but the line of padding a channel.
         unsafe { v.set_len(K * m * tpad) };
-        super::super::parallel_parts(out, g.oh * g.ow, |channels, part| {
+        crate::threads::parallel_parts(out, g.oh * g.ow, |channels, part| {
             for (mi, plane) in channels.zip(part.chunks_mut(g.oh * g.ow)) {
                 let r = residual.map(|r| &r[mi * g.oh * g.ow..][..g.oh * g.ow]);
                 self.transform_output(wg, &v, mi, r, plane);
@@ -579,7 +477,7 @@ impl FConv {
             match self.kernel {
                 Kernel::Portable => Portable::tile(&job, &zeros, &store),
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => super::avx512::tile(&job, &zeros, &store),
+                Kernel::Avx512 => super::x86_64::tile(&job, &zeros, &store),
             }
         }
     }

@@ -4,12 +4,18 @@
 //! cannot vectorise (about 3 ns a value here; 5 ms of a frame over the decoder's feature maps).
 //! [`Quantize`] computes the same `clamp(round_half_even(x * scale) + zero_point, 0, 255)` with
 //! the add-and-subtract-1.5*2^23 rounding trick, which vectorises on any SIMD level.
+//!
+//! Here: the operators; `rule` matches tract's quantizations; `tests` checks them against
+//! tract.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::array::TypedConcat;
-use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::quant::QuantizeLinearU8;
+
+mod rule;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use rule::{fuse_concat, replacement};
 
 /// `1.5 * 2^23`: adding then subtracting it rounds an f32 below 2^22 in magnitude to the
 /// nearest integer, ties to even (the default rounding mode).
@@ -27,7 +33,7 @@ pub struct Quantize {
     zero_point: u8,
 }
 
-super::with_avx512_copy!(Quantize, run, run_any, xs: &[f32], ys: &mut [u8]);
+crate::simd::with_avx512_copy!(Quantize, run, run_any, xs: &[f32], ys: &mut [u8]);
 
 impl Quantize {
     #[inline(always)]
@@ -67,7 +73,7 @@ impl EvalOp for Quantize {
         let mut out = unsafe { Tensor::uninitialized::<u8>(input.shape())? };
         let mut ram = out.try_as_plain_ram_mut()?;
         let ys = ram.as_slice_mut::<u8>()?;
-        super::parallel_parts(ys, 1 << 14, |rows, part| {
+        crate::threads::parallel_parts(ys, 1 << 14, |rows, part| {
             let from = rows.start << 14;
             self.run(&xs[from..from + part.len()], part)
         });
@@ -81,24 +87,6 @@ impl TypedOp for Quantize {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(u8::fact(inputs[0].shape.clone())))
     }
-}
-
-/// The replacement for `node` if it is tract's `QuantizeLinearU8` on f32.
-pub(super) fn replacement(model: &TypedModel, node: &TypedNode) -> Option<Box<dyn TypedOp>> {
-    let q = node
-        .op_as::<ElementWiseOp>()?
-        .0
-        .downcast_ref::<QuantizeLinearU8>()?;
-    let input = model.outlet_fact(*node.inputs.first()?).ok()?;
-    let plain = input.datum_type == f32::datum_type()
-        && !input.is_exotic()
-        && node.outputs[0].fact.datum_type == u8::datum_type();
-    plain.then(|| {
-        Box::new(Quantize {
-            scale_bits: q.scale.to_bits(),
-            zero_point: q.zero_point,
-        }) as _
-    })
 }
 
 /// `Quantize(Concat(inputs))` in one pass, each input quantized straight into its block of the
@@ -146,7 +134,7 @@ impl EvalOp for QuantizeConcat {
             let xs = input.try_as_plain_ram()?;
             let xs = xs.as_slice::<f32>()?;
             let (block, tail) = std::mem::take(&mut rest).split_at_mut(xs.len());
-            super::parallel_parts(block, 1 << 14, |rows, part| {
+            crate::threads::parallel_parts(block, 1 << 14, |rows, part| {
                 let from = rows.start << 14;
                 self.quantize.run(&xs[from..from + part.len()], part)
             });
@@ -164,76 +152,5 @@ impl TypedOp for QuantizeConcat {
         let sum: TDim = inputs.iter().map(|f| f.shape[self.axis].clone()).sum();
         shape.set(self.axis, sum);
         Ok(tvec!(u8::fact(shape)))
-    }
-}
-
-/// The fused op and its inputs for `node`, a [`Quantize`] of a concatenation of f32 tensors
-/// that feeds nothing else, with contiguous blocks.
-pub(super) fn fuse_concat(
-    model: &TypedModel,
-    node: &TypedNode,
-) -> Option<(Box<dyn TypedOp>, TVec<OutletId>)> {
-    let quantize = node.op_as::<Quantize>()?;
-    let concat_outlet = *node.inputs.first()?;
-    let concat_node = model.node(concat_outlet.node);
-    let concat = concat_node.op_as::<TypedConcat>()?;
-    let fact = model.outlet_fact(concat_outlet).ok()?;
-    let shape = fact.shape.as_concrete()?;
-    let plain = |o: &OutletId| {
-        model
-            .outlet_fact(*o)
-            .is_ok_and(|f| f.datum_type == f32::datum_type() && !f.is_exotic())
-    };
-    let fits = model.outlet_successors(concat_outlet).len() == 1
-        && shape[..concat.axis].iter().all(|&d| d == 1)
-        && concat_node.inputs.iter().all(plain);
-    fits.then(|| {
-        let op = QuantizeConcat {
-            quantize: quantize.clone(),
-            axis: concat.axis,
-        };
-        (
-            Box::new(op) as _,
-            concat_node.inputs.iter().copied().collect(),
-        )
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use tract_onnx::tract_core::ops::quant::quantize_linear_f32_u8;
-
-    proptest! {
-        /// Equal to tract's scalar quantizer for every finite value, halves included.
-        #[test]
-        fn equals_tracts_quantizer(
-            xs in proptest::collection::vec(-1e6f32..1e6, 1..64),
-            halves in proptest::collection::vec(-600i32..600, 1..64),
-            scale in 0.001f32..100.0,
-            zp in 0u8..=255,
-        ) {
-            let op = Quantize { scale_bits: scale.to_bits(), zero_point: zp };
-            let mut xs = xs;
-            // Values that land exactly on .5 after scaling, where ties-to-even matters.
-            xs.extend(halves.iter().map(|&h| (h as f32 + 0.5) / scale));
-            let mut ys = vec![0u8; xs.len()];
-            op.run(&xs, &mut ys);
-            for (x, y) in xs.iter().zip(&ys) {
-                prop_assert_eq!(*y, quantize_linear_f32_u8(*x, scale, zp as i32), "x = {}", x);
-            }
-        }
-    }
-
-    #[test]
-    fn nan_maps_to_the_zero_point_like_tract() {
-        let op = Quantize {
-            scale_bits: 0.5f32.to_bits(),
-            zero_point: 17,
-        };
-        let mut ys = [0u8; 1];
-        op.run(&[f32::NAN], &mut ys);
-        assert_eq!(ys[0], quantize_linear_f32_u8(f32::NAN, 0.5, 17));
     }
 }
