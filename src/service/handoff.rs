@@ -181,8 +181,14 @@ fn capture_loop<C: Clock>(
             }
             Err(CaptureError::Waiting) => {}
             // The processing side reports it and ends the alert (`Feed::Lost`), then
-            // `Feed::Back` with the next frame.
-            Err(CaptureError::Lost { reason }) => slot.lost = Some((reason, 0)),
+            // `Feed::Back` with the next frame. A frame from before the loss still waiting
+            // would decide after the alert ended (with raise_n = 1, raise it again): dropped.
+            Err(CaptureError::Lost { reason }) => {
+                slot.lost = Some((reason, 0));
+                if slot.frame.take().is_some() {
+                    slot.dropped += 1;
+                }
+            }
             Err(e @ (CaptureError::BadFrame { .. } | CaptureError::BadBuffer { .. })) => {
                 slot.bad += 1;
                 failed += 1;
