@@ -26,12 +26,12 @@ use crate::alert::{AlertConfig, AlertMachine, Transition};
 #[derive(Debug, thiserror::Error)]
 pub enum ClipError {
     /// `labels.csv` is missing or unreadable.
-    #[error("cannot read {path}: {source}; a labelled clip needs labels.csv (frame,polyp_in_view)")]
+    #[error("cannot read {path}: {error}; a labelled clip needs labels.csv (frame,polyp_in_view)")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A line is not `frame,0|1,...`.
     #[error("{path} line {line}: expected frame,polyp_in_view (0 or 1), found {text:?}")]
@@ -74,7 +74,7 @@ pub fn read_clip(dir: &Path) -> Result<Vec<LabelledFrame>, ClipError> {
     let text = crate::files::read_text(&path, crate::files::TEXT_CAP).map_err(|source| {
         ClipError::Read {
             path: path.clone(),
-            source,
+            error: source,
         }
     })?;
     let mut out = Vec::new();

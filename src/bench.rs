@@ -115,7 +115,7 @@ pub fn bench(
         .map(|p| {
             std::fs::read(p).map_err(|source| PreprocessError::Read {
                 path: p.to_path_buf(),
-                source,
+                error: source,
             })
         })
         .collect::<Result<_, _>>()?;

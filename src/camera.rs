@@ -291,7 +291,7 @@ impl FrameSource for Camera {
                 self.seq += u64::from(skipped);
                 let seq = self.seq;
                 self.seq += 1;
-                converted.map_err(|source| CaptureError::BadBuffer { seq, source })?;
+                converted.map_err(|source| CaptureError::BadBuffer { seq, error: source })?;
                 Ok(Some(Frame {
                     seq,
                     captured,

@@ -38,20 +38,20 @@ pub enum CaptureError {
         message: String,
     },
     /// One frame could not be read or decoded; the stream goes on.
-    #[error("skipping frame {seq}: {source}")]
+    #[error("skipping frame {seq}: {error}")]
     BadFrame {
         /// Its sequence number.
         seq: u64,
         /// Why.
-        source: PreprocessError,
+        error: PreprocessError,
     },
     /// One camera buffer could not be converted; the stream goes on.
-    #[error("skipping frame {seq}: {source}")]
+    #[error("skipping frame {seq}: {error}")]
     BadBuffer {
         /// Its sequence number.
         seq: u64,
         /// Why.
-        source: crate::pixfmt::ConvertError,
+        error: crate::pixfmt::ConvertError,
     },
     /// No frame this time (camera missing, reconnecting or stalled); the source logs why and
     /// retries, and the caller asks again.
@@ -182,8 +182,8 @@ impl FrameSource for Replay {
         self.next += 1;
         self.seq += 1;
         let captured = Instant::now();
-        let image =
-            preprocess::load_rgb(path).map_err(|source| CaptureError::BadFrame { seq, source })?;
+        let image = preprocess::load_rgb(path)
+            .map_err(|source| CaptureError::BadFrame { seq, error: source })?;
         Ok(Some(Frame {
             seq,
             captured,

@@ -14,12 +14,12 @@ use crate::pixfmt::PixelFormat;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The TOML is malformed or has an unknown key or a wrong type.
     #[error("config {path}: {message}")]
@@ -298,7 +298,7 @@ impl Config {
         let text = crate::files::read_text(path, crate::files::TEXT_CAP).map_err(|source| {
             ConfigError::Read {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             }
         })?;
         let mut cfg = Self::parse(&text, path)?;

@@ -19,29 +19,15 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// One line for an error chain: each cause is added unless the message above already says it
-/// (our errors include their source in their own message).
-fn one_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if !out.contains(&s) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&s);
-        }
-    }
-    out
-}
-
 fn main() -> std::process::ExitCode {
     polypwatch::model::keep_frame_buffers();
     match dispatch() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-            eprintln!("{}", fatal_line(&one_line(&e), journal));
+            // `{:#}` prints each cause once: our errors carry their cause either in their
+            // message or as `source()`, never both (docs/architecture.md, "Errors").
+            eprintln!("{}", fatal_line(&format!("{e:#}"), journal));
             std::process::ExitCode::FAILURE
         }
     }

@@ -45,12 +45,12 @@ pub const MAX_SELFTEST_BYTES: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     /// A file of the bundle is missing or unreadable.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file of the bundle is a symlink, FIFO, device or folder: never followed or read, so a
     /// pipe cannot block a reload and a link cannot copy a file the bundle does not own.
@@ -84,12 +84,12 @@ pub enum InstallError {
         path: PathBuf,
     },
     /// The signature is wrong or from an untrusted key.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Signature {
         /// The manifest.
         path: PathBuf,
         /// What is wrong with it.
-        source: SignError,
+        error: SignError,
     },
     /// The manifest is invalid or a file does not match its hash.
     #[error(transparent)]
@@ -136,12 +136,12 @@ pub enum InstallError {
         current_dir: PathBuf,
     },
     /// The store itself cannot be written.
-    #[error("model store {path}: {source}")]
+    #[error("model store {path}: {error}")]
     Store {
         /// The folder or file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -149,8 +149,8 @@ pub enum InstallError {
 impl From<SelfTestError> for InstallError {
     fn from(e: SelfTestError) -> Self {
         match e {
-            SelfTestError::Io { path, source } => InstallError::Io { path, source },
-            SelfTestError::Write { path, source } => InstallError::Store { path, source },
+            SelfTestError::Io { path, error } => InstallError::Io { path, error },
+            SelfTestError::Write { path, error } => InstallError::Store { path, error },
             SelfTestError::Manifest(e) => InstallError::Manifest(e),
             SelfTestError::Model(e) => InstallError::Model(e),
             SelfTestError::Failed { iou, min } => InstallError::SelfTest { iou, min },
@@ -212,14 +212,14 @@ pub struct Entry {
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     move |source| InstallError::Store {
         path: path.to_path_buf(),
-        source,
+        error: source,
     }
 }
 
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     move |source| InstallError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     }
 }
 
@@ -336,7 +336,9 @@ pub fn verify(manifest_path: &Path, keys: &[PublicKey]) -> Result<Verified, Inst
     let sig_file = sig_path(manifest_path);
     let sig_text = match read_bounded(&sig_file, MAX_MANIFEST_BYTES, "signature") {
         Ok(t) => String::from_utf8_lossy(&t).into_owned(),
-        Err(InstallError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(InstallError::Io { error: source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
             return Err(InstallError::Unsigned {
                 path: manifest_path.to_path_buf(),
             });
@@ -345,7 +347,7 @@ pub fn verify(manifest_path: &Path, keys: &[PublicKey]) -> Result<Verified, Inst
     };
     let sig_err = |source| InstallError::Signature {
         path: manifest_path.to_path_buf(),
-        source,
+        error: source,
     };
     let key = SignatureFile::parse(&sig_text)
         .and_then(|s| s.verify(&bytes, keys))
@@ -449,7 +451,7 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| InstallError::Signature {
                 path: "[update] trusted_keys".into(),
-                source,
+                error: source,
             })?;
         let s = Store {
             root: cfg.state_dir.clone(),
@@ -779,7 +781,7 @@ impl Store {
         match read_bounded(&sig, MAX_MANIFEST_BYTES, "signature") {
             Ok(s) => write_synced(&sig_path(&staged), &s, 0o644)?,
             // Verification says it is unsigned.
-            Err(InstallError::Io { source, .. })
+            Err(InstallError::Io { error: source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }

@@ -552,6 +552,36 @@ fn a_missing_gpio_chip_stops_the_daemon_only_when_required() {
     assert!(err.contains("journal alerts only"), "{err}");
 }
 
+/// Every cause of a fatal error is printed once, on one line: a cause sits either in its
+/// error's message or in its `source()`, never both (before, `#[from]` plus `{0}` in the
+/// message printed the GPIO cause twice, and a de-duplicating printer hid it).
+#[test]
+fn a_fatal_error_is_one_line_naming_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.toml");
+    let gpio = gpio_config(dir.path(), true);
+    for (args, cause) in [
+        (
+            vec!["check".into(), "--config".into(), missing.into_os_string()],
+            "os error 2",
+        ),
+        (
+            vec!["run".into(), "--config".into(), gpio.into_os_string()],
+            "required = true",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert_eq!(err.matches(cause).count(), 1, "{err}");
+        assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    }
+}
+
 #[test]
 fn a_missing_camera_is_waited_for_and_sigterm_still_stops() {
     let dir = tempfile::tempdir().unwrap();

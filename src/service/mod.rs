@@ -53,7 +53,7 @@ pub enum ServiceError {
     Capture(#[from] CaptureError),
     /// The GPIO line is required and cannot be had.
     #[error("{0} ([gpio] required = true)")]
-    Gpio(#[from] GpioError),
+    Gpio(GpioError),
     /// The model store cannot be used, or its current model fails verification on reload.
     #[error(transparent)]
     Store(#[from] InstallError),
@@ -65,6 +65,15 @@ pub enum ServiceError {
         /// What does not fit.
         message: String,
     },
+}
+
+// By hand, not `#[from]`: `#[from]` would also make the GPIO error this one's `source()`,
+// and the message already says it (one error convention: the cause in the message or in
+// `source()`, never both, so `{:#}` prints each cause once).
+impl From<GpioError> for ServiceError {
+    fn from(e: GpioError) -> Self {
+        ServiceError::Gpio(e)
+    }
 }
 
 /// Flags set by signal handlers and read by the loop.

@@ -155,8 +155,21 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, each cause once (our errors carry a cause in their message or as
+            // `source()`, never both); `Result` from `main` would print anyhow's multi-line
+            // Debug form instead.
+            eprintln!("polypwatch-train: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Train {
             config,
             out,

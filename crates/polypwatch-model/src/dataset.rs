@@ -20,12 +20,12 @@ pub enum DatasetError {
     #[error("dataset folder {0} not found: a dataset needs images/ and masks/ side by side")]
     MissingDir(PathBuf),
     /// A folder could not be listed.
-    #[error("cannot list {path}: {source}")]
+    #[error("cannot list {path}: {error}")]
     List {
         /// The folder.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An image has no mask of the same stem.
     #[error("image {image} has no mask named {stem}.* in {masks_dir}")]
@@ -38,12 +38,12 @@ pub enum DatasetError {
         masks_dir: PathBuf,
     },
     /// The split file could not be read.
-    #[error("cannot read split file {path}: {source}")]
+    #[error("cannot read split file {path}: {error}")]
     SplitRead {
         /// The split file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A split names an image that is not in the dataset.
     #[error("split file {split} line {line}: no image named {name:?} in {images_dir}")]
@@ -129,14 +129,14 @@ fn list_by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>, DatasetError> {
     }
     let entries = std::fs::read_dir(dir).map_err(|source| DatasetError::List {
         path: dir.to_path_buf(),
-        source,
+        error: source,
     })?;
     let mut out = BTreeMap::new();
     for entry in entries {
         let path = entry
             .map_err(|source| DatasetError::List {
                 path: dir.to_path_buf(),
-                source,
+                error: source,
             })?
             .path();
         let ext = path
@@ -164,7 +164,7 @@ fn split_stem(name: &str) -> &str {
 pub fn read_split(path: &Path) -> Result<Vec<(usize, String)>, DatasetError> {
     let text = std::fs::read_to_string(path).map_err(|source| DatasetError::SplitRead {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })?;
     let names: Vec<(usize, String)> = text
         .lines()

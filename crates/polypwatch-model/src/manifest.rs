@@ -24,12 +24,12 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// The manifest or model file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The manifest is not valid TOML for this format (unknown key, wrong type, ...).
     #[error("invalid manifest {path}: {message}")]
@@ -190,7 +190,7 @@ pub struct Manifest {
 pub fn sha256_file(path: &Path) -> Result<String, ManifestError> {
     let io = |source| ManifestError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut f = crate::files::open_regular(path).map_err(io)?;
     let mut hasher = Sha256::new();
@@ -215,7 +215,7 @@ impl Manifest {
         let text = crate::files::read_text(path, crate::files::TEXT_CAP).map_err(|source| {
             ManifestError::Io {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             }
         })?;
         let m = Self::parse(&text, path)?;
@@ -346,7 +346,7 @@ impl Manifest {
             let actual = std::fs::metadata(&onnx)
                 .map_err(|source| ManifestError::Io {
                     path: onnx.clone(),
-                    source,
+                    error: source,
                 })?
                 .len();
             if actual < expected {
@@ -373,7 +373,7 @@ impl Manifest {
         let text = toml::to_string_pretty(self).expect("a manifest always serialises");
         std::fs::write(path, text).map_err(|source| ManifestError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })
     }
 }

@@ -16,20 +16,20 @@ pub const MASK_THRESHOLD: u8 = 127;
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
     /// The file could not be read from disk.
-    #[error("cannot read image {path}: {source}")]
+    #[error("cannot read image {path}: {error}")]
     Read {
         /// The file that failed.
         path: PathBuf,
         /// The underlying I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The bytes are not a decodable image (corrupt or truncated JPEG/PNG/TIFF).
-    #[error("cannot decode image {what}: {source} (is the file a complete JPEG/PNG/TIFF?)")]
+    #[error("cannot decode image {what}: {error} (is the file a complete JPEG/PNG/TIFF?)")]
     Decode {
         /// The file or buffer that failed.
         what: String,
         /// The decoder's error.
-        source: image::ImageError,
+        error: image::ImageError,
     },
     /// A JPEG whose data stops before its end-of-image marker: the decoder would fill the
     /// rest and the frame would be scored on invented pixels.
@@ -341,7 +341,7 @@ pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage, PreprocessError>
         .map(|i| i.to_rgb8())
         .map_err(|source| PreprocessError::Decode {
             what: what.to_string(),
-            source,
+            error: source,
         })
 }
 
@@ -350,7 +350,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, PreprocessError> {
     let bytes = crate::files::read_regular(path, crate::files::FRAME_CAP).map_err(|source| {
         PreprocessError::Read {
             path: path.to_path_buf(),
-            source,
+            error: source,
         }
     })?;
     decode_rgb(&bytes, &path.display().to_string())
@@ -361,7 +361,7 @@ pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
     let bytes = crate::files::read_regular(path, crate::files::FRAME_CAP).map_err(|source| {
         PreprocessError::Read {
             path: path.to_path_buf(),
-            source,
+            error: source,
         }
     })?;
     if !jpeg_is_complete(&bytes) {
@@ -373,7 +373,7 @@ pub fn load_gray(path: &Path) -> Result<GrayImage, PreprocessError> {
         .map(|i| i.to_luma8())
         .map_err(|source| PreprocessError::Decode {
             what: path.display().to_string(),
-            source,
+            error: source,
         })
 }
 

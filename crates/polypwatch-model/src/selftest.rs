@@ -12,21 +12,21 @@ use crate::model::{ModelError, Segmenter, sigmoid};
 #[derive(Debug, thiserror::Error)]
 pub enum SelfTestError {
     /// A self-test file is unreadable, or its size is not the model's output size.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A self-test file cannot be written beside the manifest. (The message is the one the
     /// store gave before the self-test moved here.)
-    #[error("model store {path}: {source}")]
+    #[error("model store {path}: {error}")]
     Write {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The manifest is invalid, cannot be written, or a file does not match its hash.
     #[error(transparent)]
@@ -74,7 +74,7 @@ pub fn run_selftest(
     let load = |name: &str| {
         image::open(dir.join(name)).map_err(|e| SelfTestError::Io {
             path: dir.join(name),
-            source: std::io::Error::other(e.to_string()),
+            error: std::io::Error::other(e.to_string()),
         })
     };
     let img = load(&t.image)?.into_rgb8();
@@ -84,7 +84,7 @@ pub fn run_selftest(
     if expected.dimensions() != (r.width, r.height) {
         return Err(SelfTestError::Io {
             path: dir.join(&t.mask),
-            source: std::io::Error::other(format!(
+            error: std::io::Error::other(format!(
                 "self-test mask is {:?}, the model's output is {}x{}",
                 expected.dimensions(),
                 r.width,
@@ -154,7 +154,7 @@ pub fn attach_selftest(
     let save_err = |p: PathBuf| {
         move |e: image::ImageError| SelfTestError::Write {
             path: p,
-            source: std::io::Error::other(e.to_string()),
+            error: std::io::Error::other(e.to_string()),
         }
     };
     frame
