@@ -22,7 +22,7 @@ if [ ! -x $venv/bin/python ]; then
   python3 -m venv $venv
   $venv/bin/pip install -q onnxruntime onnx numpy pillow sympy
 fi
-cargo build --release -p polypwatch -q
+cargo build --release --workspace -q  # --workspace: -p alone changes feature unification and rebuilds tract
 onnx=$(dirname "$m32")/$(sed -n 's/^onnx = "\(.*\)"/\1/p' "$m32")
 size=$(sed -n 's/^width = \([0-9]*\)/\1/p' "$m32" | head -1)
 tmp=$(mktemp -d)
