@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/datasets}
 runs=${RUNS:-2}
-cargo build --release --workspace -q  # --workspace: -p alone changes feature unification
+[ -n "${NO_BUILD:-}" ] || cargo build --release --workspace -q  # --workspace: -p alone changes feature unification
 if [ "$(ls target/clip1280 2>/dev/null | grep -c jpg)" -lt 150 ]; then
   ./target/release/examples/make_clip "$data/kvasir-seg" ck2da7fwcjfis07218r1rvm95 target/clip1280 150 1280 1024
 fi

@@ -19,9 +19,9 @@ pub enum SelfTestError {
         /// The I/O error.
         error: std::io::Error,
     },
-    /// A self-test file cannot be written beside the manifest. (The message is the one the
-    /// store gave before the self-test moved here.)
-    #[error("model store {path}: {error}")]
+    /// A self-test file cannot be written beside the manifest. (The daemon's store reports it
+    /// as its own `InstallError::Store`, "model store ...".)
+    #[error("cannot write self-test file {path}: {error}")]
     Write {
         /// The file.
         path: PathBuf,
