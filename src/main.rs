@@ -24,7 +24,9 @@ fn main() -> std::process::ExitCode {
     match dispatch() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+            // JOURNAL_STREAM alone is inherited by every child of a service (and by whole
+            // desktop sessions); stderr is the journal only if its device:inode match.
+            let journal = systemd_journal_logger::connected_to_journal();
             // `{:#}` prints each cause once: our errors carry their cause either in their
             // message or as `source()`, never both (docs/architecture.md, "Errors").
             eprintln!("{}", fatal_line(&format!("{e:#}"), journal));

@@ -576,10 +576,30 @@ fn a_fatal_error_is_one_line_naming_each_cause_once() {
             .unwrap();
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert_eq!(err.matches(cause).count(), 1, "{err}");
-        assert_eq!(err.matches("No such file").count(), 1, "{err}");
+        // `run` logs its start first; the fatal error is the one line after.
+        let fatal: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("polypwatch: "))
+            .collect();
+        assert_eq!(fatal.len(), 1, "{err}");
+        assert_eq!(fatal[0].matches(cause).count(), 1, "{err}");
+        assert_eq!(fatal[0].matches("No such file").count(), 1, "{err}");
     }
+}
+
+/// The journal's `<3>` priority prefix only where stderr is the journal: a shell inherits
+/// JOURNAL_STREAM from a desktop session or a service, and a pipe must get a plain line.
+#[test]
+fn an_inherited_journal_stream_on_a_pipe_gets_a_plain_fatal_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_polypwatch"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("nowhere.toml"))
+        .env("JOURNAL_STREAM", "8:12345")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("polypwatch: cannot read config"), "{err}");
 }
 
 #[test]
