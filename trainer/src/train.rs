@@ -338,6 +338,24 @@ fn find_checkpoint(run: &RunDir) -> Option<PathBuf> {
         .find(|p| p.join("state.json").exists())
 }
 
+/// Training images that calibrate the batch norms of a model initialised from ONNX.
+pub const CALIBRATION_IMAGES: usize = 64;
+
+/// Whether `path` names an ONNX file (by its extension).
+pub fn is_onnx(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+}
+
+/// Up to `n` images spread evenly over `items` (every source and the polyp-free crops, in the
+/// proportions the training set has them), at the input size.
+pub fn calibration_images(items: &[Item], n: usize) -> Vec<image::RgbImage> {
+    let n = n.min(items.len());
+    (0..n)
+        .map(|i| items[i * items.len() / n].image.clone())
+        .collect()
+}
+
 /// Loads a model of `cfg` from a `.bpk` record.
 pub fn load_model(cfg: &TrainConfig, path: &Path, device: &Device) -> Result<DeepLab> {
     DeepLab::new(&cfg.model, device)
@@ -484,10 +502,37 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     }
     let mut optim = adam.init();
     if let (None, Some(init)) = (&checkpoint, &cfg.train.init) {
-        model = load_model(&cfg, init, &device).context(
-            "[train] init must be a .bpk of this architecture (an earlier run's best.bpk)",
-        )?;
-        eprintln!("starting from the weights in {}", init.display());
+        if is_onnx(init) {
+            let images = calibration_images(&train_items, CALIBRATION_IMAGES);
+            let t = Instant::now();
+            // The error names the file, the tensor and the fix in one line: no context added.
+            let r = crate::import::init_from_onnx(&mut model, init, &images, &recipe)?;
+            eprintln!(
+                "starting from {}: {} convolutions, {} batch norms calibrated on {} training images ({:.1} s)",
+                init.display(),
+                r.convs,
+                r.batch_norms,
+                r.images,
+                t.elapsed().as_secs_f64()
+            );
+        } else {
+            model = load_model(&cfg, init, &device).context(
+                "[train] init must be a .bpk of this architecture (an earlier run's best.bpk) or an f32 .onnx it exported",
+            )?;
+            eprintln!("starting from the weights in {}", init.display());
+        }
+        // Epoch 0: what the run starts from, on the same validation sets as every epoch.
+        let t = Instant::now();
+        let val = validate(&model, &val_sets, &recipe, &device);
+        eprintln!(
+            "epoch   0 (init)  val dice {:.4} iou {:.4}{}{}  {:.0}s",
+            val.polyp.mean_dice,
+            val.polyp.mean_iou,
+            val.specificity
+                .map_or(String::new(), |s| format!(" specificity {s:.4}")),
+            val.per_source,
+            t.elapsed().as_secs_f64()
+        );
     }
     if let Some(ck) = &checkpoint {
         model = load_model(&cfg, &ck.join("model.bpk"), &device)?;
