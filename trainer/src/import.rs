@@ -72,46 +72,13 @@ pub enum ImportError {
         /// Its operator.
         op: String,
     },
-    /// A convolution's weights or bias do not have the shape this configuration builds.
+    /// A convolution's weights, bias, stride, padding, dilation or groups differ from the
+    /// layer this configuration builds in its place.
     #[error(
-        "{}: tensor {tensor} of Conv {index} has shape {got:?}, but [model] of this config needs {expected:?} for {layer}: the ONNX was exported from another architecture; train with the config it was exported with (for the shipped model, models/polypwatch-edge-train-config.toml)",
-        path.display()
+        "{}: tensor {} of Conv {} has {} {:?}, but [model] of this config needs {:?} for {}: the ONNX was exported from another architecture; train with the config it was exported with (for the shipped model, models/polypwatch-edge-train-config.toml)",
+        .0.path.display(), .0.tensor, .0.index, .0.what, .0.got, .0.expected, .0.layer
     )]
-    Shape {
-        /// The file.
-        path: PathBuf,
-        /// The initializer.
-        tensor: String,
-        /// The convolution's position among the file's convolutions.
-        index: usize,
-        /// The Burn layer it maps onto.
-        layer: String,
-        /// Its shape in the file.
-        got: Vec<i64>,
-        /// The shape the layer has.
-        expected: Vec<usize>,
-    },
-    /// A convolution's stride, padding, dilation or groups differ from the layer's.
-    #[error(
-        "{}: Conv {index} (weights {tensor}) has {what} {got:?}, but [model] of this config needs {expected:?} for {layer}: the ONNX was exported from another architecture; train with the config it was exported with (for the shipped model, models/polypwatch-edge-train-config.toml)",
-        path.display()
-    )]
-    Attribute {
-        /// The file.
-        path: PathBuf,
-        /// The weight initializer.
-        tensor: String,
-        /// The convolution's position among the file's convolutions.
-        index: usize,
-        /// The Burn layer it maps onto.
-        layer: String,
-        /// `strides`, `pads`, `dilations` or `group`.
-        what: &'static str,
-        /// The file's value.
-        got: Vec<i64>,
-        /// The layer's value.
-        expected: Vec<i64>,
-    },
+    Architecture(Box<Mismatch>),
     /// The file has a different number of convolutions.
     #[error(
         "{} has {got} convolutions but [model] of this config builds {expected} (the first {matched} match): the ONNX was exported from another architecture; train with the config it was exported with (for the shipped model, models/polypwatch-edge-train-config.toml)",
@@ -164,6 +131,25 @@ pub enum ImportError {
         /// The file.
         path: PathBuf,
     },
+}
+
+/// Where one of the file's convolutions and the configured layer disagree.
+#[derive(Debug)]
+pub struct Mismatch {
+    /// The file.
+    pub path: PathBuf,
+    /// The initializer (the weights, or the bias for a bias of the wrong length).
+    pub tensor: String,
+    /// The convolution's position among the file's convolutions.
+    pub index: usize,
+    /// The Burn layer it maps onto, e.g. `decoder.0`.
+    pub layer: String,
+    /// `shape`, `strides`, `dilations`, `pads` or `group`.
+    pub what: &'static str,
+    /// The file's value.
+    pub got: Vec<i64>,
+    /// The layer's value.
+    pub expected: Vec<i64>,
 }
 
 /// One convolution as the ONNX file holds it: folded weights and bias, and its geometry.
@@ -369,35 +355,27 @@ pub fn init_from_onnx(
 ) -> Result<Imported, ImportError> {
     let convs = read_convs(path)?;
     let mut slots = model.conv_slots();
-    let mismatch =
-        |i: usize, tensor: &str, layer: &str, what: &'static str, got: Vec<i64>, exp: Vec<i64>| {
-            ImportError::Attribute {
+    // Check everything before changing anything.
+    for (i, (slot, c)) in slots.iter().zip(&convs).enumerate() {
+        let mismatch = |tensor: &str, what: &'static str, got: Vec<i64>, expected: Vec<i64>| {
+            ImportError::Architecture(Box::new(Mismatch {
                 path: path.to_path_buf(),
                 tensor: tensor.to_string(),
                 index: i,
-                layer: layer.to_string(),
+                layer: slot.name.clone(),
                 what,
                 got,
-                expected: exp,
-            }
+                expected,
+            }))
         };
-    // Check everything before changing anything.
-    for (i, (slot, c)) in slots.iter().zip(&convs).enumerate() {
-        let expected: Vec<usize> = slot.conv.weight.dims().to_vec();
-        let shape_err = |tensor: &str, got: Vec<i64>, expected: Vec<usize>| ImportError::Shape {
-            path: path.to_path_buf(),
-            tensor: tensor.to_string(),
-            index: i,
-            layer: slot.name.clone(),
-            got,
-            expected,
-        };
-        if c.dims.len() != 4 || c.dims.iter().zip(&expected).any(|(&a, &b)| a != b as i64) {
-            return Err(shape_err(&c.tensor, c.dims.clone(), expected));
+        let expected: Vec<i64> = slot.conv.weight.dims().iter().map(|&d| d as i64).collect();
+        if c.dims != expected {
+            return Err(mismatch(&c.tensor, "shape", c.dims.clone(), expected));
         }
-        if !c.bias.is_empty() && c.bias.len() != expected[0] {
-            return Err(shape_err(
+        if !c.bias.is_empty() && c.bias.len() as i64 != expected[0] {
+            return Err(mismatch(
                 &c.bias_tensor,
+                "shape",
                 vec![c.bias.len() as i64],
                 vec![expected[0]],
             ));
@@ -411,7 +389,7 @@ pub fn init_from_onnx(
             ("group", &vec![c.group], vec![slot.groups as i64]),
         ] {
             if *got != exp {
-                return Err(mismatch(i, &c.tensor, &slot.name, what, got.clone(), exp));
+                return Err(mismatch(&c.tensor, what, got.clone(), exp));
             }
         }
     }

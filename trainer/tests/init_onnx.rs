@@ -160,7 +160,7 @@ fn wrong_onnx_files_are_one_clear_line() {
     let e = init(&narrow, &shipped_onnx());
     let s = err_line(&e);
     assert!(
-        matches!(&e, ImportError::Shape { layer, tensor, .. } if layer == "decoder.0" && tensor.starts_with("w_")),
+        matches!(&e, ImportError::Architecture(m) if m.what == "shape" && m.layer == "decoder.0" && m.tensor.starts_with("w_")),
         "{s}"
     );
     assert!(s.contains("polypwatch-edge-train-config.toml"), "{s}");
@@ -169,7 +169,7 @@ fn wrong_onnx_files_are_one_clear_line() {
     let e = init(&rates, &shipped_onnx());
     let s = err_line(&e);
     assert!(
-        matches!(&e, ImportError::Attribute { layer, what: "dilations", .. } if layer == "aspp.branches.3"),
+        matches!(&e, ImportError::Architecture(m) if m.what == "dilations" && m.layer == "aspp.branches.3"),
         "{s}"
     );
 
