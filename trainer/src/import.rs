@@ -4,21 +4,28 @@
 //! `W' = W g / sigma`, `b' = beta - mu g / sigma`. That product cannot be split again, but any
 //! batch norm that computes `W'x + b'` gives the same network, so the import keeps `W'` as the
 //! convolution's weights and measures the batch norm's statistics instead: per output channel
-//! the mean `m` and the biased variance `v` of `W'x` over calibration images (preprocessed as
-//! validation does), then `running_mean = m`, `running_var = v`, `gamma = sqrt(v + eps)`,
+//! the mean `m` and the biased variance `v` of `W'x` in batches of calibration images (the
+//! mean over the batches of each batch's own statistics, as running statistics average
+//! them), then `running_mean = m`, `running_var = v`, `gamma = sqrt(v + eps)`,
 //! `beta = b' + m`.
 //!
 //! - Inference: `gamma (y - m) / sqrt(v + eps) + beta = y + b'`, exactly the exported network
 //!   for any `m` and `v`.
-//! - Training: a batch whose statistics are the calibration ones gives the same `y + b'`, and
-//!   batches like them nearly so; the loss starts where the shipped model's is.
+//! - Training: a batch whose statistics are `m` and `v` gives the same `y + b'`.
 //!
 //! (`gamma = s`, `running_var = s^2 - eps` would make inference exact too, but training-mode
 //! batch norm divides by `sqrt(s^2 + eps)`, not `s`, and a dead channel needs a clamp.)
 //!
-//! The statistics come from one pass: before it, each batch norm is set to the identity plus
-//! `b'` (`gamma` 1, `beta = b'`, mean 0, variance `1 - eps`), so every layer's input in that
-//! pass is the exported network's.
+//! Passes: before the first, each batch norm is the identity plus `b'` (`gamma` 1,
+//! `beta = b'`, mean 0, variance `1 - eps`), and the first pass runs in inference, so every
+//! layer sees what the exported network computes. In training mode, though, a layer sees
+//! its predecessors normalised by their batches' statistics, not by `m` and `v`, so a model
+//! on an autodiff device then runs training-mode passes over the same batches, setting every
+//! layer from what it saw, until no statistic moves by more than 1e-3 standard deviations
+//! (each pass settles at least one more layer; the shipped model takes 12). That fixed point
+//! is what a trained network's running statistics are, so the training-mode network is the
+//! one the export started from, up to the noise of the running statistics it was exported
+//! with. Training still moves the running statistics away from the calibrated ones.
 
 use std::path::{Path, PathBuf};
 
@@ -31,10 +38,7 @@ use polypwatch_model::preprocess::Recipe;
 use prost::Message;
 use tract_onnx::pb::{ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
 
-use crate::model::DeepLab;
-
-/// Images per calibration forward pass.
-const CALIBRATION_BATCH: usize = 8;
+use crate::model::{ChannelStats, DeepLab};
 
 /// Why an ONNX file cannot initialise the network. Each message is one line naming the file,
 /// the tensor or layer and what to do.
@@ -327,6 +331,12 @@ pub struct Imported {
     pub batch_norms: usize,
     /// Calibration images.
     pub images: usize,
+    /// Training-mode calibration passes after the first (none for a model not on an
+    /// autodiff device, which cannot run batch norm in training mode).
+    pub training_passes: usize,
+    /// Largest change of a statistic in the last training-mode pass, in standard deviations
+    /// (infinite when there was none).
+    pub last_change: f64,
 }
 
 fn vec1(v: Vec<f32>, device: &Device) -> Tensor<1> {
@@ -343,18 +353,12 @@ fn set_bn(bn: &mut BatchNorm, gamma: Vec<f32>, beta: Vec<f32>, mean: Vec<f32>, v
     bn.running_var = RunningState::new(vec1(var, &device));
 }
 
-/// Loads the folded weights of the f32 ONNX file at `path` into `model` (built from the
-/// configuration the file was exported with) and calibrates its batch norms on `images`
-/// (at the input size, preprocessed with `recipe`'s normalisation), so that the model in
-/// inference computes the file's function. See the module documentation.
-pub fn init_from_onnx(
-    model: &mut DeepLab,
-    path: &Path,
-    images: &[RgbImage],
-    recipe: &Recipe,
-) -> Result<Imported, ImportError> {
+/// Reads the f32 ONNX file at `path` and checks that its convolutions are, in order, the
+/// layers of `model` (shapes, strides, dilations, pads, groups), changing nothing: what
+/// `train` runs before it loads any data, so a wrong file fails at once.
+pub fn check_onnx(model: &mut DeepLab, path: &Path) -> Result<Vec<OnnxConv>, ImportError> {
     let convs = read_convs(path)?;
-    let mut slots = model.conv_slots();
+    let slots = model.conv_slots();
     // Check everything before changing anything.
     for (i, (slot, c)) in slots.iter().zip(&convs).enumerate() {
         let mismatch = |tensor: &str, what: &'static str, got: Vec<i64>, expected: Vec<i64>| {
@@ -401,6 +405,23 @@ pub fn init_from_onnx(
             matched: slots.len().min(convs.len()),
         });
     }
+    Ok(convs)
+}
+
+/// Loads the folded weights of the f32 ONNX file at `path` into `model` (built from the
+/// configuration the file was exported with) and calibrates its batch norms on `images`
+/// in batches of `batch` (the training batch size; same-sized images, normalised with
+/// `recipe`'s statistics), so that the model in inference computes the file's function.
+/// See the module documentation.
+pub fn init_from_onnx(
+    model: &mut DeepLab,
+    path: &Path,
+    images: &[RgbImage],
+    batch: usize,
+    recipe: &Recipe,
+) -> Result<Imported, ImportError> {
+    let convs = check_onnx(model, path)?;
+    let mut slots = model.conv_slots();
     if images.is_empty() {
         return Err(ImportError::NoImages {
             path: path.to_path_buf(),
@@ -441,34 +462,76 @@ pub fn init_from_onnx(
     }
     drop(slots);
 
-    let device = device.inner();
-    let valid = model.valid().to_device(&device);
-    let batches = images.chunks(CALIBRATION_BATCH).map(|chunk| {
-        let (w, h) = chunk[0].dimensions();
-        let r = Recipe {
-            width: w,
-            height: h,
-            ..recipe.clone()
-        };
-        let plane = 3 * (w * h) as usize;
-        let mut x = vec![0f32; chunk.len() * plane];
-        for (img, dst) in chunk.iter().zip(x.chunks_mut(plane)) {
-            r.normalize_into(img, dst);
+    let to_batches = |device: &Device| -> Vec<Tensor<4>> {
+        images
+            .chunks(batch.max(1))
+            .map(|chunk| {
+                let (w, h) = chunk[0].dimensions();
+                let r = Recipe {
+                    width: w,
+                    height: h,
+                    ..recipe.clone()
+                };
+                let plane = 3 * (w * h) as usize;
+                let mut x = vec![0f32; chunk.len() * plane];
+                for (img, dst) in chunk.iter().zip(x.chunks_mut(plane)) {
+                    r.normalize_into(img, dst);
+                }
+                Tensor::<4>::from_data(
+                    TensorData::new(x, [chunk.len(), 3, h as usize, w as usize]),
+                    device,
+                )
+            })
+            .collect()
+    };
+    // First pass in inference: each layer sees what the exported network computes.
+    let inner = device.clone().inner();
+    let stats = model
+        .valid()
+        .to_device(&inner)
+        .conv_output_stats(to_batches(&inner));
+    let batch_norms = stats.len();
+    set_statistics(model, &stats, &biases);
+    let (mut stats, mut last_change) = (stats, f64::INFINITY);
+    // Then in training mode, until the statistics are those training-mode batch norm itself
+    // produces on these batches (a fixed point, as trained running statistics are): each
+    // pass fixes at least one more layer, in practice all within a few. Inference is exact
+    // whatever the statistics; this is what makes training start from the same function.
+    let mut passes = 0;
+    if device.is_autodiff() {
+        let batches = to_batches(&device);
+        while last_change > CALIBRATION_TOLERANCE && passes < batch_norms {
+            // The pass also moves the running statistics (momentum); set_statistics
+            // overwrites them.
+            let next = model.conv_output_stats(batches.iter().cloned());
+            set_statistics(model, &next, &biases);
+            last_change = change(&stats, &next);
+            stats = next;
+            passes += 1;
         }
-        Tensor::<4>::from_data(
-            TensorData::new(x, [chunk.len(), 3, h as usize, w as usize]),
-            &device,
-        )
-    });
-    let stats = valid.conv_output_stats(batches);
+    }
+    Ok(Imported {
+        convs: n_convs,
+        batch_norms,
+        images: images.len(),
+        training_passes: passes,
+        last_change,
+    })
+}
+
+/// Largest change of a calibrated statistic (relative to the channel's standard deviation)
+/// that ends the training-mode passes.
+const CALIBRATION_TOLERANCE: f64 = 1e-3;
+
+/// Sets every batch norm from its layer's statistics (see the module documentation).
+fn set_statistics(model: &mut DeepLab, stats: &[ChannelStats], biases: &[Vec<f32>]) {
     let mut slots = model.conv_slots();
     let bns: Vec<&mut BatchNorm> = slots
         .iter_mut()
         .filter_map(|s| s.bn.as_deref_mut())
         .collect();
     assert_eq!(bns.len(), stats.len(), "one recorded layer per batch norm");
-    let batch_norms = bns.len();
-    for ((bn, st), bias) in bns.into_iter().zip(&stats).zip(biases) {
+    for ((bn, st), bias) in bns.into_iter().zip(stats).zip(biases) {
         let eps = bn.epsilon;
         let (mut gamma, mut beta, mut mean, mut var) = (vec![], vec![], vec![], vec![]);
         for ((m, v), b) in st.moments().into_iter().zip(bias) {
@@ -479,9 +542,17 @@ pub fn init_from_onnx(
         }
         set_bn(bn, gamma, beta, mean, var);
     }
-    Ok(Imported {
-        convs: n_convs,
-        batch_norms,
-        images: images.len(),
-    })
+}
+
+/// Largest change between two calibrations of a channel's mean or standard deviation, in
+/// standard deviations.
+fn change(old: &[ChannelStats], new: &[ChannelStats]) -> f64 {
+    let mut most = 0f64;
+    for (o, n) in old.iter().zip(new) {
+        for ((mo, vo), (mn, vn)) in o.moments().into_iter().zip(n.moments()) {
+            let (so, sn) = (vo.sqrt(), vn.sqrt().max(1e-6));
+            most = most.max((mn - mo).abs() / sn).max((sn - so).abs() / sn);
+        }
+    }
+    most
 }

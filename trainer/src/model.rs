@@ -97,29 +97,29 @@ impl ModelConfig {
     }
 }
 
-/// Per-channel moments of one convolution's output (before its batch norm), summed in f64
-/// over every image and pixel that went through it.
+/// Per-channel batch statistics of one convolution's output (before its batch norm), as
+/// training-mode batch norm computes them, summed over the batches that went through it.
 #[derive(Debug, Clone, Default)]
 pub struct ChannelStats {
-    /// Values summed per channel (images x pixels).
-    pub count: f64,
-    /// Sum per channel.
-    pub sum: Vec<f64>,
-    /// Sum of squares per channel.
-    pub sum_sq: Vec<f64>,
+    /// Batches recorded.
+    pub batches: usize,
+    /// Sum over batches of each channel's batch mean.
+    pub mean_sum: Vec<f64>,
+    /// Sum over batches of each channel's biased batch variance.
+    pub var_sum: Vec<f64>,
 }
 
 impl ChannelStats {
-    /// Mean and biased variance per channel (the statistics training-mode batch norm uses).
+    /// Per channel, the mean of the batch means and the mean of the batch variances: what
+    /// batch norm's running statistics converge to on such batches. (Not the variance over
+    /// all images together, which adds the spread between batches: a batch norm calibrated
+    /// on that would scale up every training batch.)
     pub fn moments(&self) -> Vec<(f64, f64)> {
-        let n = self.count.max(1.0);
-        self.sum
+        let b = self.batches.max(1) as f64;
+        self.mean_sum
             .iter()
-            .zip(&self.sum_sq)
-            .map(|(&s, &q)| {
-                let m = s / n;
-                (m, (q / n - m * m).max(0.0))
-            })
+            .zip(&self.var_sum)
+            .map(|(&m, &v)| (m / b, v / b))
             .collect()
     }
 }
@@ -149,24 +149,26 @@ fn record_conv_output(y: &Tensor<4>) {
             .expect("f32 data");
         if rec.next == rec.stats.len() {
             rec.stats.push(ChannelStats {
-                count: 0.0,
-                sum: vec![0.0; c],
-                sum_sq: vec![0.0; c],
+                batches: 0,
+                mean_sum: vec![0.0; c],
+                var_sum: vec![0.0; c],
             });
         }
         let st = &mut rec.stats[rec.next];
-        assert_eq!(st.sum.len(), c, "layer {} changed width", rec.next);
-        for (i, plane) in v.chunks(h * w).enumerate() {
-            let ch = i % c;
-            let (mut s, mut q) = (0f64, 0f64);
-            for &x in plane {
-                s += x as f64;
-                q += x as f64 * x as f64;
-            }
-            st.sum[ch] += s;
-            st.sum_sq[ch] += q;
+        assert_eq!(st.mean_sum.len(), c, "layer {} changed width", rec.next);
+        let count = (n * h * w) as f64;
+        for ch in 0..c {
+            let planes = (0..n).map(|i| &v[(i * c + ch) * h * w..(i * c + ch + 1) * h * w]);
+            let mean = planes.clone().flatten().map(|&x| x as f64).sum::<f64>() / count;
+            let var = planes
+                .flatten()
+                .map(|&x| (x as f64 - mean).powi(2))
+                .sum::<f64>()
+                / count;
+            st.mean_sum[ch] += mean;
+            st.var_sum[ch] += var;
         }
-        st.count += (n * h * w) as f64;
+        st.batches += 1;
         rec.next += 1;
     });
 }
@@ -773,8 +775,8 @@ impl DeepLab {
     }
 
     /// Runs `batches` through the network and returns, for every convolution followed by a
-    /// batch norm (in [`Self::conv_slots`] order), the moments of its output before the
-    /// batch norm. Call it on an inference model (`valid()`), whose batch norms use their
+    /// batch norm (in [`Self::conv_slots`] order), the batch statistics of its output before
+    /// the batch norm. Call it on an inference model (`valid()`), whose batch norms use their
     /// running statistics, so that each layer sees what the trained network computes.
     pub fn conv_output_stats(
         &self,

@@ -77,6 +77,7 @@ fn onnx_init_reproduces_tract() {
         &mut model,
         &shipped_onnx(),
         &calibration(&recipe, &images),
+        8,
         &recipe,
     )
     .unwrap();
@@ -106,7 +107,7 @@ fn calibrated_batch_norm_matches_in_training_mode() {
     let device = Device::flex().autodiff();
     let calib = calibration(&recipe, &fixture_images());
     let mut model = DeepLab::new(&cfg.model, &device);
-    init_from_onnx(&mut model, &shipped_onnx(), &calib, &recipe).unwrap();
+    init_from_onnx(&mut model, &shipped_onnx(), &calib, 8, &recipe).unwrap();
     let x = input(&recipe, &calib, &device);
     let inner = device.clone().inner();
     let eval = to_vec(
@@ -123,7 +124,7 @@ fn calibrated_batch_norm_matches_in_training_mode() {
     // Calibrated on the first image only: the batch's statistics are no longer the
     // calibration ones.
     let mut raw = DeepLab::new(&cfg.model, &device);
-    init_from_onnx(&mut raw, &shipped_onnx(), &calib[..1], &recipe).unwrap();
+    init_from_onnx(&mut raw, &shipped_onnx(), &calib[..1], 8, &recipe).unwrap();
     let d_one = max_diff(&to_vec(raw.forward(x)), &eval);
     eprintln!("calibrated on one image, batch of four: {d_one:e}");
     assert!(d_one > 10.0 * d, "{d_one} vs {d}");
@@ -145,7 +146,7 @@ fn wrong_onnx_files_are_one_clear_line() {
     let calib = calibration(&recipe, &fixture_images());
     let init = |model_cfg: &polypwatch_train::model::ModelConfig, path: &Path| {
         let mut model = DeepLab::new(model_cfg, &device);
-        init_from_onnx(&mut model, path, &calib, &recipe).unwrap_err()
+        init_from_onnx(&mut model, path, &calib, 8, &recipe).unwrap_err()
     };
 
     // The int8 variant.
