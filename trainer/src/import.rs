@@ -22,7 +22,7 @@
 //! its predecessors normalised by their batches' statistics, not by `m` and `v`, so a model
 //! on an autodiff device then runs training-mode passes over the same batches, setting every
 //! layer from what it saw, until no statistic moves by more than 1e-3 standard deviations
-//! (each pass settles at least one more layer; the shipped model takes 12). That fixed point
+//! (each pass settles at least one more layer; the shipped model takes 12 to 14). That fixed point
 //! is what a trained network's running statistics are, so the training-mode network is the
 //! one the export started from, up to the noise of the running statistics it was exported
 //! with. Training still moves the running statistics away from the calibrated ones.
@@ -495,8 +495,8 @@ pub fn init_from_onnx(
     let (mut stats, mut last_change) = (stats, f64::INFINITY);
     // Then in training mode, until the statistics are those training-mode batch norm itself
     // produces on these batches (a fixed point, as trained running statistics are): each
-    // pass fixes at least one more layer, in practice all within a few. Inference is exact
-    // whatever the statistics; this is what makes training start from the same function.
+    // pass settles at least one more layer (the shipped model: 12 to 14 passes). Inference
+    // is exact whatever the statistics; this decides how training mode starts.
     let mut passes = 0;
     if device.is_autodiff() {
         let batches = to_batches(&device);
