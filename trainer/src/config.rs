@@ -226,7 +226,8 @@ pub struct TrainSection {
     pub weight_decay: f64,
     /// Weights to start from instead of a random initialisation: a `.bpk` of this same
     /// architecture, e.g. an earlier run's `best.bpk` (fine-tuning, a warm restart of the
-    /// schedule). Relative to the working directory, like the data roots.
+    /// schedule), or an f32 `.onnx` exported from it (see [`crate::import`]). Relative to the
+    /// working directory, like the data roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<std::path::PathBuf>,
     /// Weight of the binary cross-entropy term of the loss.

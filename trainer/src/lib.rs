@@ -12,6 +12,8 @@
 //! - [`kernels`]: convolution and batch-norm training kernels for Burn's Flex CPU backend.
 //! - [`train`]: the training loop, checkpoints and resume; [`plot`]: its curves as a PNG.
 //! - [`eval`]: the study's tables for train, validation and test.
+//! - [`import`]: an exported f32 ONNX as a run's starting weights, batch norm unfolded by
+//!   calibration.
 //! - [`export`]: ONNX and manifest, verified through tract; [`onnx`]: the ONNX graph writer;
 //!   [`quant`]: the int8 variant; [`operating`]: the operating point measured as the daemon
 //!   runs the model.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod import;
 pub mod kernels;
 pub mod model;
 pub mod onnx;

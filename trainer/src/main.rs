@@ -36,7 +36,9 @@ enum Command {
         /// Number of epochs, overriding [train] epochs.
         #[arg(long)]
         epochs: Option<usize>,
-        /// Start from these weights (an earlier run's best.bpk), overriding [train] init.
+        /// Start from these weights, overriding [train] init: an earlier run's best.bpk, or an
+        /// f32 .onnx exported from this architecture (batch norm recalibrated on 64 training
+        /// images).
         #[arg(long)]
         init: Option<PathBuf>,
         /// Use at most N training images (smoke runs).

@@ -3,6 +3,8 @@
 //! Each module's `export` mirrors its `forward` node for node, so the exported graph is the
 //! trained graph; `export.rs` then checks that claim numerically through tract.
 
+use std::cell::RefCell;
+
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -95,6 +97,109 @@ impl ModelConfig {
     }
 }
 
+/// Per-channel batch statistics of one convolution's output (before its batch norm), as
+/// training-mode batch norm computes them, summed over the batches that went through it.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelStats {
+    /// Batches recorded.
+    pub batches: usize,
+    /// Sum over batches of each channel's batch mean.
+    pub mean_sum: Vec<f64>,
+    /// Sum over batches of each channel's biased batch variance.
+    pub var_sum: Vec<f64>,
+}
+
+impl ChannelStats {
+    /// Per channel, the mean of the batch means and the mean of the batch variances: what
+    /// batch norm's running statistics converge to on such batches. (Not the variance over
+    /// all images together, which adds the spread between batches: a batch norm calibrated
+    /// on that would scale up every training batch.)
+    pub fn moments(&self) -> Vec<(f64, f64)> {
+        let b = self.batches.max(1) as f64;
+        self.mean_sum
+            .iter()
+            .zip(&self.var_sum)
+            .map(|(&m, &v)| (m / b, v / b))
+            .collect()
+    }
+}
+
+/// Layers recorded so far and the next layer's index in the current forward.
+struct Recorder {
+    stats: Vec<ChannelStats>,
+    next: usize,
+}
+
+thread_local! {
+    // Only set inside `DeepLab::conv_output_stats`: a hook in `ConvBn::forward` rather than a
+    // second copy of every forward, so the recorded order is the forward's by construction.
+    static RECORDER: RefCell<Option<Recorder>> = const { RefCell::new(None) };
+}
+
+fn record_conv_output(y: &Tensor<4>) {
+    RECORDER.with(|r| {
+        let mut r = r.borrow_mut();
+        let Some(rec) = r.as_mut() else { return };
+        let [n, c, h, w] = y.dims();
+        let v = y
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 data");
+        if rec.next == rec.stats.len() {
+            rec.stats.push(ChannelStats {
+                batches: 0,
+                mean_sum: vec![0.0; c],
+                var_sum: vec![0.0; c],
+            });
+        }
+        let st = &mut rec.stats[rec.next];
+        assert_eq!(st.mean_sum.len(), c, "layer {} changed width", rec.next);
+        let count = (n * h * w) as f64;
+        for ch in 0..c {
+            let planes = (0..n).map(|i| &v[(i * c + ch) * h * w..(i * c + ch + 1) * h * w]);
+            let mean = planes.clone().flatten().map(|&x| x as f64).sum::<f64>() / count;
+            let var = planes
+                .flatten()
+                .map(|&x| (x as f64 - mean).powi(2))
+                .sum::<f64>()
+                / count;
+            st.mean_sum[ch] += mean;
+            st.var_sum[ch] += var;
+        }
+        st.batches += 1;
+        rec.next += 1;
+    });
+}
+
+/// One convolution of the network, in the order the ONNX export writes them, with its batch
+/// norm (none for the head, whose convolution has a bias instead).
+pub(crate) struct ConvSlot<'a> {
+    /// Where it sits, e.g. `encoder.blocks.3.convs.0`.
+    pub name: String,
+    pub conv: &'a mut Conv2d,
+    pub bn: Option<&'a mut BatchNorm>,
+    pub stride: usize,
+    pub pad: usize,
+    pub dilation: usize,
+    pub groups: usize,
+}
+
+impl ConvBn {
+    fn slot(&mut self, name: String) -> ConvSlot<'_> {
+        ConvSlot {
+            name,
+            conv: &mut self.conv,
+            bn: Some(&mut self.bn),
+            stride: self.stride,
+            pad: self.pad,
+            dilation: self.dilation,
+            groups: self.groups,
+        }
+    }
+}
+
 const ACT_NONE: u8 = 0;
 const ACT_RELU: u8 = 1;
 const ACT_RELU6: u8 = 2;
@@ -170,6 +275,7 @@ impl ConvBn {
             options = ConvOptions::new([1, 1], [0, 0], [1, 1], self.groups);
         }
         let y = kernels::conv2d(x, weight, options);
+        record_conv_output(&y);
         let y = kernels::batch_norm_train(&self.bn, y);
         match self.act {
             ACT_RELU => relu(y),
@@ -629,6 +735,64 @@ impl DeepLab {
         };
         let logits = g.conv(&head, &y);
         g.upsample(&logits, h, w)
+    }
+
+    /// Every convolution in export (and forward) order: the encoder's stem and blocks (each
+    /// block's chain, then its shortcut), the ASPP branches, pooling branch and projection,
+    /// the low-level projection, the decoder, the head.
+    pub(crate) fn conv_slots(&mut self) -> Vec<ConvSlot<'_>> {
+        let mut out = Vec::new();
+        for (i, c) in self.encoder.stem.iter_mut().enumerate() {
+            out.push(c.slot(format!("encoder.stem.{i}")));
+        }
+        for (b, block) in self.encoder.blocks.iter_mut().enumerate() {
+            for (i, c) in block.convs.iter_mut().enumerate() {
+                out.push(c.slot(format!("encoder.blocks.{b}.convs.{i}")));
+            }
+            if let Some(d) = &mut block.downsample {
+                out.push(d.slot(format!("encoder.blocks.{b}.downsample")));
+            }
+        }
+        for (i, c) in self.aspp.branches.iter_mut().enumerate() {
+            out.push(c.slot(format!("aspp.branches.{i}")));
+        }
+        out.push(self.aspp.pooling.slot("aspp.pooling".into()));
+        out.push(self.aspp.project.slot("aspp.project".into()));
+        out.push(self.low_project.slot("low_project".into()));
+        for (i, c) in self.decoder.iter_mut().enumerate() {
+            out.push(c.slot(format!("decoder.{i}")));
+        }
+        out.push(ConvSlot {
+            name: "head".into(),
+            conv: &mut self.head,
+            bn: None,
+            stride: 1,
+            pad: 0,
+            dilation: 1,
+            groups: 1,
+        });
+        out
+    }
+
+    /// Runs `batches` through the network and returns, for every convolution followed by a
+    /// batch norm (in [`Self::conv_slots`] order), the batch statistics of its output before
+    /// the batch norm. Call it on an inference model (`valid()`), whose batch norms use their
+    /// running statistics, so that each layer sees what the trained network computes.
+    pub fn conv_output_stats(
+        &self,
+        batches: impl IntoIterator<Item = Tensor<4>>,
+    ) -> Vec<ChannelStats> {
+        RECORDER.with(|r| {
+            *r.borrow_mut() = Some(Recorder {
+                stats: Vec::new(),
+                next: 0,
+            })
+        });
+        for x in batches {
+            RECORDER.with(|r| r.borrow_mut().as_mut().expect("recording").next = 0);
+            let _ = self.forward(x);
+        }
+        RECORDER.with(|r| r.borrow_mut().take().expect("recording").stats)
     }
 
     /// Writes the network as an f32 ONNX model for a static `[1, 3, h, w]` input.

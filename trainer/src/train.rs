@@ -14,6 +14,7 @@ use polypwatch_model::detect::{DetectConfig, Detector};
 use polypwatch_model::metrics::{Accumulator, ImageScores, SetScores};
 use polypwatch_model::model::sigmoid as sigmoid_f32;
 use polypwatch_model::preprocess::Recipe;
+use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
@@ -338,6 +339,35 @@ fn find_checkpoint(run: &RunDir) -> Option<PathBuf> {
         .find(|p| p.join("state.json").exists())
 }
 
+/// Training images that calibrate the batch norms of a model initialised from ONNX.
+pub const CALIBRATION_IMAGES: usize = 64;
+
+/// Whether `path` names an ONNX file (by its extension).
+pub fn is_onnx(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+}
+
+/// Up to `n` images spread evenly over `items` (every source and the polyp-free crops, in the
+/// proportions the training set has them), augmented and cropped as training draws them and
+/// shuffled so that each batch mixes sources as training batches do (seeded): the batch
+/// norms are calibrated on what their batch statistics will see.
+pub fn calibration_images(
+    items: &[Item],
+    n: usize,
+    augment: &crate::config::AugmentConfig,
+    crop: u32,
+    seed: u64,
+) -> Vec<image::RgbImage> {
+    let n = n.min(items.len());
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut images: Vec<_> = (0..n)
+        .map(|i| data::augment(&items[i * items.len() / n], augment, crop, &mut rng).0)
+        .collect();
+    images.shuffle(&mut rng);
+    images
+}
+
 /// Loads a model of `cfg` from a `.bpk` record.
 pub fn load_model(cfg: &TrainConfig, path: &Path, device: &Device) -> Result<DeepLab> {
     DeepLab::new(&cfg.model, device)
@@ -357,6 +387,12 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     }
     if let Some(w) = &opts.init {
         cfg.train.init = Some(w.clone());
+    }
+    if let (false, Some(init)) = (opts.resume, &cfg.train.init)
+        && is_onnx(init)
+    {
+        // Before the data loads: a wrong file is one line at once, not after minutes.
+        crate::import::check_onnx(&mut DeepLab::new(&cfg.model, &Device::flex()), init)?;
     }
     std::fs::create_dir_all(&run.0).with_context(|| format!("creating {}", run.0.display()))?;
     let mut state = RunState::default();
@@ -484,10 +520,46 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     }
     let mut optim = adam.init();
     if let (None, Some(init)) = (&checkpoint, &cfg.train.init) {
-        model = load_model(&cfg, init, &device).context(
-            "[train] init must be a .bpk of this architecture (an earlier run's best.bpk)",
-        )?;
-        eprintln!("starting from the weights in {}", init.display());
+        if is_onnx(init) {
+            let crop = cfg.train.crop.unwrap_or(cfg.train.input_size);
+            let images = calibration_images(
+                &train_items,
+                CALIBRATION_IMAGES,
+                &cfg.augment,
+                crop,
+                cfg.data.seed,
+            );
+            let t = Instant::now();
+            // The error names the file, the tensor and the fix in one line: no context added.
+            let r = crate::import::init_from_onnx(&mut model, init, &images, bs, &recipe)?;
+            eprintln!(
+                "starting from {}: {} convolutions, {} batch norms calibrated on {} training crops in batches of {bs}, {} passes in training mode (last change {:.1e} sd; {:.1} s)",
+                init.display(),
+                r.convs,
+                r.batch_norms,
+                r.images,
+                r.training_passes,
+                r.last_change,
+                t.elapsed().as_secs_f64()
+            );
+        } else {
+            model = load_model(&cfg, init, &device).context(
+                "[train] init must be a .bpk of this architecture (an earlier run's best.bpk) or an f32 .onnx it exported",
+            )?;
+            eprintln!("starting from the weights in {}", init.display());
+        }
+        // Epoch 0: what the run starts from, on the same validation sets as every epoch.
+        let t = Instant::now();
+        let val = validate(&model, &val_sets, &recipe, &device);
+        eprintln!(
+            "epoch   0 (init)  val dice {:.4} iou {:.4}{}{}  {:.0}s",
+            val.polyp.mean_dice,
+            val.polyp.mean_iou,
+            val.specificity
+                .map_or(String::new(), |s| format!(" specificity {s:.4}")),
+            val.per_source,
+            t.elapsed().as_secs_f64()
+        );
     }
     if let Some(ck) = &checkpoint {
         model = load_model(&cfg, &ck.join("model.bpk"), &device)?;
@@ -549,6 +621,19 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
                 .unzip();
             let mrefs: Vec<&[u8]> = masks.iter().map(|m| m.as_slice()).collect();
             let (x, y) = data::batch(&imgs, &mrefs, &recipe, &device);
+            // Where a fine-tune starts, before any step: the first batch's loss with batch
+            // norm on the running statistics (inference, before the training forward moves
+            // them) and on the batch's own (training).
+            let first_eval = (step == 0 && epoch == 0 && cfg.train.init.is_some()).then(|| {
+                let inner = device.clone().inner();
+                loss(
+                    model.valid().to_device(&inner).forward(x.clone().inner()),
+                    y.clone().inner(),
+                    cfg.train.bce_weight,
+                    cfg.train.dice_weight,
+                )
+                .into_scalar::<f32>()
+            });
             let l = loss(
                 model.forward(x),
                 y,
@@ -556,6 +641,11 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
                 cfg.train.dice_weight,
             );
             let lv: f64 = l.clone().into_scalar::<f32>() as f64;
+            if let Some(eval) = first_eval {
+                eprintln!(
+                    "first training batch of the initial weights: loss {lv:.4} in training mode, {eval:.4} in inference"
+                );
+            }
             if !lv.is_finite() {
                 bail!(
                     "loss became {lv} at epoch {} step {step}: lower [train] lr",
