@@ -230,6 +230,10 @@ pub struct TrainSection {
     /// working directory, like the data roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<std::path::PathBuf>,
+    /// Batch norm on its running statistics in training too, not each batch's (for
+    /// fine-tuning from `init`; see `kernels::set_batch_norm_frozen`). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_bn: bool,
     /// Weight of the binary cross-entropy term of the loss.
     pub bce_weight: f64,
     /// Weight of the soft Dice term of the loss.

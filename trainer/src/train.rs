@@ -596,6 +596,11 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         Some(n) => (state.epochs_done + n).min(cfg.train.epochs),
         None => cfg.train.epochs,
     };
+    // After the import's calibration, which needs batch statistics.
+    crate::kernels::set_batch_norm_frozen(cfg.train.freeze_bn);
+    if cfg.train.freeze_bn {
+        eprintln!("batch norm frozen on its running statistics ([train] freeze_bn)");
+    }
     for epoch in state.epochs_done..last_epoch {
         let start = Instant::now();
         // One RNG per epoch, derived from the seed: a resumed run draws the same batches.

@@ -22,9 +22,43 @@ use rayon::prelude::*;
 
 use super::TrainOps;
 
+thread_local! {
+    static FROZEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes batch norm use its running statistics in training too, on graphs built on this
+/// thread from now on (`[train] freeze_bn`): a fine-tune then starts from exactly the function
+/// it was given (an imported ONNX), instead of one renormalised by each batch of 8, whose
+/// statistics are noisy (the image-pooling branch sees 8 values per channel). The scale and
+/// shift still train; the running statistics stay as they are.
+pub fn set_frozen(on: bool) {
+    FROZEN.with(|f| f.set(on));
+}
+
+/// Whether batch norm is frozen on this thread.
+pub fn frozen() -> bool {
+    FROZEN.with(|f| f.get())
+}
+
+/// Batch norm on the running statistics, differentiable in the input, scale and shift.
+fn batch_norm_frozen(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    let c = bn.gamma.dims()[0];
+    let mean = bn.running_mean.value_sync().to_device(&device).detach();
+    let var = bn.running_var.value_sync().to_device(&device).detach();
+    let scale = bn.gamma.val().div(var.add_scalar(bn.epsilon).sqrt());
+    let shift = bn.beta.val().sub(mean.mul(scale.clone()));
+    x.mul(scale.reshape([1, c, 1, 1]))
+        .add(shift.reshape([1, c, 1, 1]))
+}
+
 /// `BatchNorm::forward` in training mode (batch statistics, running statistics updated with the
-/// layer's momentum), through the fused kernel where [`super::enabled`], else through Burn.
+/// layer's momentum), through the fused kernel where [`super::enabled`], else through Burn;
+/// on the running statistics where [`frozen`].
 pub fn batch_norm_train(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if frozen() && x.device().is_autodiff() {
+        return batch_norm_frozen(bn, x);
+    }
     if !super::enabled() || !x.device().is_autodiff() {
         return bn.forward(x);
     }

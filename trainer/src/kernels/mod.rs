@@ -24,7 +24,9 @@ use burn::tensor::Tensor;
 use burn::tensor::TensorData;
 use burn::tensor::ops::ConvOptions;
 
-pub use batch_norm::batch_norm_train;
+pub use batch_norm::{
+    batch_norm_train, frozen as batch_norm_frozen, set_frozen as set_batch_norm_frozen,
+};
 pub use conv::{
     forward as conv_forward, input_grad as conv_input_grad, weight_grad as conv_weight_grad,
 };
@@ -174,6 +176,53 @@ mod tests {
                 &format!("conv {xs:?} {ws:?} s{s} p{p} d{d}"),
             );
         }
+    }
+
+    /// Frozen, training-mode batch norm is the inference-mode function (running statistics),
+    /// leaves those statistics alone, and still trains its scale and shift.
+    #[test]
+    fn frozen_batch_norm_is_the_inference_function() {
+        use burn::prelude::*;
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let x = random([3, 5, 6, 7], &device)
+            .mul_scalar(2.0)
+            .add_scalar(0.5);
+        let mut bn = BatchNormConfig::new(5).init(&device);
+        let stat = |m: f64, s: f64| {
+            Tensor::<1>::random([5], Distribution::Normal(m, s), &device)
+                .abs()
+                .detach()
+        };
+        bn.running_mean.update(stat(0.0, 1.0));
+        bn.running_var.update(stat(2.0, 0.5));
+        bn.gamma = burn::module::Param::from_tensor(stat(1.0, 0.3).require_grad());
+        let mean_before = bn.running_mean.value_sync().into_data();
+        set_batch_norm_frozen(true);
+        let xl = Tensor::<4>::from_data(x.to_data(), &device).require_grad();
+        let y = batch_norm_train(&bn, xl);
+        set_batch_norm_frozen(false);
+        let grads = y.clone().sum().backward();
+        assert!(bn.gamma.val().grad(&grads).is_some());
+        let inner = device.inner();
+        let inference = bn
+            .clone()
+            .valid()
+            .forward(Tensor::<4>::from_data(x.to_data(), &inner));
+        let v = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+        close(&v(y), &v(inference), "frozen batch norm vs inference");
+        assert_eq!(bn.running_mean.value_sync().into_data(), mean_before);
+        // Unfrozen, the same layer normalises by the batch: a different function.
+        let unfrozen = v(batch_norm_train(&bn, x.clone()));
+        let frozen = v(bn
+            .valid()
+            .forward(Tensor::<4>::from_data(x.to_data(), &inner)));
+        assert!(
+            unfrozen
+                .iter()
+                .zip(&frozen)
+                .any(|(a, b)| (a - b).abs() > 0.1)
+        );
     }
 
     #[test]
