@@ -167,8 +167,8 @@ runs_dir=$out/runs
 rm -rf "$runs_dir"
 mkdir -p "$runs_dir"
 jobs_list=()
-for rep in $(seq 1 "$REPEAT"); do
-  for t in $THREADS; do
+for t in $THREADS; do
+  for rep in $(seq 1 "$REPEAT"); do
     for p in f32 int8; do
       for n in "$RUNS" 0; do
         jobs_list+=("polypwatch $p $t $n $rep" "onnxruntime $p $t $n $rep")

@@ -27,8 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if 3 * side * side != data.len() {
         return Err(format!("{input}: {} floats is not 3 x H x H", data.len()).into());
     }
-    let _env = ort::init_from(lib)?.build()?;
-    let mut session = Session::builder()?
+    let env = ort::init_from(lib)?.build()?;
+    let mut session = Session::builder(&env)?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| e.to_string())?
         .with_intra_threads(threads)
