@@ -8,7 +8,10 @@
 #   WARMUP=2 RUNS=10  the protocol: count(WARMUP + RUNS runs) - count(WARMUP + 0 runs), / RUNS
 #   JOBS=2         qemu runs at once (each is single-threaded on the host per guest thread)
 #   ORT_VERSION=1.32.0  onnxruntime wheel from PyPI (manylinux_2_28_aarch64)
-#   TOP=12         symbols listed per polypwatch row (qemu only knows the main binary's symbols)
+#   TOP=12         symbols listed per polypwatch row (from count_runs' symbol table)
+#   ORT_QDQ=1      also count ONNX Runtime on its own static QDQ int8 quantization of the f32
+#                  file (bench/ort_bench.py's, made on this host in target/bench-venv, as
+#                  bench/compare.sh makes it); 0 skips it
 #
 # What it does, caching everything under target/aarch64-bench (rebuilt only when stale):
 # 1. cross-builds examples/count_runs.rs (polypwatch) and bench/aarch64/ort-driver (ONNX
@@ -23,7 +26,8 @@
 #    Cortex-A78AE cores (part 0xd42, asimddp, no sve) and cpu0's cache files say L1d 64K,
 #    L2 256K, L3 2M: qemu 7.2 shows a guest the host's x86 /proc/cpuinfo, on which ONNX
 #    Runtime's CPU probe crashes, and tract sizes its matrix blocking from those cache files;
-# 5. prints the table (bench/aarch64/table.py): instructions, FMLA and SDOT per inference.
+# 5. with ORT_QDQ=1, quantizes the f32 file with ONNX Runtime's own tools on this host;
+# 6. prints the table (bench/aarch64/table.py): instructions, FMLA and SDOT per inference.
 # Needs root (apt, unshare, mount), network for the first run (apt source, PyPI, crates.io).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +39,7 @@ RUNS=${RUNS:-10}
 JOBS=${JOBS:-2}
 ORT_VERSION=${ORT_VERSION:-1.32.0}
 TOP=${TOP:-12}
+ORT_QDQ=${ORT_QDQ:-1}
 out=$root/target/aarch64-bench
 mkdir -p "$out"
 target=aarch64-unknown-linux-gnu
@@ -157,11 +162,31 @@ count() {
 }
 
 manifest() { echo "models/polypwatch-edge-$1.toml"; }
+onnx() { # precision: polypwatch's files, or ONNX Runtime's own QDQ quantization (qdq)
+  if [ "$1" = qdq ]; then echo "$out/ort-qdq-$ORT_VERSION.onnx"; else echo "models/polypwatch-edge-$1.onnx"; fi
+}
 frame=demo/clip/frame_00000.jpg
 input=$out/input-f32.bin
 
 stamp "input: $frame preprocessed by count_runs (the manifest's recipe), for ONNX Runtime too"
 count "$out/dump.counts" "$count_runs" "$(manifest f32)" "$frame" 0 0 1 "$input" >/dev/null
+
+if [ "$ORT_QDQ" = 1 ] && [ ! -f "$(onnx qdq)" ]; then
+  stamp "ONNX Runtime's own int8: static QDQ of the f32 file, calibrated on demo/clip (bench/ort_bench.py)"
+  venv=target/bench-venv
+  if [ ! -x $venv/bin/python ]; then
+    python3 -m venv $venv
+    $venv/bin/pip install -q "onnxruntime==$ORT_VERSION" onnx numpy pillow sympy
+  fi
+  size=$(grep -m1 '^height' "$(manifest f32)" | tr -dc 0-9)
+  nice -n 10 $venv/bin/python -c '
+import sys
+sys.path.insert(0, "bench")
+import ort_bench
+ort_bench.quantize(sys.argv[1], sys.argv[2], ort_bench.load_frames("demo/clip", int(sys.argv[3])))
+' "$(onnx f32)" "$(onnx qdq).tmp" "$size"
+  mv "$(onnx qdq).tmp" "$(onnx qdq)"
+fi
 
 runs_dir=$out/runs
 rm -rf "$runs_dir"
@@ -174,6 +199,9 @@ for t in $THREADS; do
         jobs_list+=("polypwatch $p $t $n $rep" "onnxruntime $p $t $n $rep")
       done
     done
+    if [ "$ORT_QDQ" = 1 ]; then
+      jobs_list+=("onnxruntime qdq $t $RUNS $rep" "onnxruntime qdq $t 0 $rep")
+    fi
   done
 done
 run_one() { # runtime precision threads runs rep
@@ -181,7 +209,7 @@ run_one() { # runtime precision threads runs rep
   if [ "$1" = polypwatch ]; then
     count "$c" "$count_runs" "$(manifest "$2")" "$frame" "$WARMUP" "$4" "$3"
   else
-    count "$c" "$ort_driver" "$ort_lib" "models/polypwatch-edge-$2.onnx" "$input" "$WARMUP" "$4" "$3"
+    count "$c" "$ort_driver" "$ort_lib" "$(onnx "$2")" "$input" "$WARMUP" "$4" "$3"
   fi >"${c%.counts}.log" 2>&1 || {
     echo "failed: $*" >&2
     cat "${c%.counts}.log" >&2
@@ -202,4 +230,4 @@ for p in "${pids[@]}"; do wait "$p" || fail=1; done
 
 stamp "table"
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo '+dirty'), $(date -u +%Y-%m-%d), qemu $(qemu-aarch64 --version | head -1 | cut -d' ' -f3) -cpu cortex-a76, onnxruntime $ORT_VERSION, model $(grep -m1 '^version' "$(manifest f32)" | cut -d'"' -f2)"
-python3 bench/aarch64/table.py "$runs_dir" "$RUNS" "$TOP"
+python3 bench/aarch64/table.py "$runs_dir" "$RUNS" "$TOP" "$count_runs"

@@ -14,6 +14,9 @@
  *   total N
  *   mnemonic NAME N      (every mnemonic, most executed first)
  *   symbol NAME N        (every symbol, most executed first; "?" where none is known)
+ *   block VADDR SYMBOL N (every block executed: its guest address, so that code qemu finds
+ *                         no symbol for, such as assembly without .type/.size, can be
+ *                         attributed offline from the binary's symbol table)
  *
  * A block left early (a fault) would count in full; in user mode blocks end at system calls,
  * so that does not happen in the programs measured here.
@@ -44,6 +47,7 @@ typedef struct {
 
 typedef struct {
     uint64_t execs;      /* executions of the block, added to atomically */
+    uint64_t vaddr;
     uint32_t n_insns;
     uint32_t n_kinds;    /* distinct mnemonics in the block */
     Name *symbol;
@@ -112,6 +116,7 @@ static void on_block_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     size_t n = qemu_plugin_tb_n_insns(tb);
     Block *b = zalloc(sizeof *b);
     b->n_insns = n;
+    b->vaddr = qemu_plugin_tb_vaddr(tb);
     b->kind = zalloc(n * sizeof *b->kind);
     b->kind_n = zalloc(n * sizeof *b->kind_n);
     pthread_mutex_lock(&lock);
@@ -207,6 +212,14 @@ static void report(qemu_plugin_id_t id, void *p)
     fprintf(f, "total %" PRIu64 "\n", total);
     write_names(f, "mnemonic", &mnemonics);
     write_names(f, "symbol", &symbols);
+    for (size_t i = 0; i < n_blocks; i++) {
+        Block *b = blocks[i];
+        uint64_t e = __atomic_load_n(&b->execs, __ATOMIC_RELAXED);
+        if (e) {
+            fprintf(f, "block 0x%" PRIx64 " %s %" PRIu64 "\n", b->vaddr, b->symbol->name,
+                    e * b->n_insns);
+        }
+    }
     if (f != stderr) {
         fclose(f);
     }
