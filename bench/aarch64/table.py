@@ -46,7 +46,8 @@ def symbol_table(binary):
     syms = []
     for line in out.splitlines():
         f = line.split()
-        if len(f) == 3 and f[1] in "tTwW":
+        # Assembly's local labels (".packed_packed_loop_4") name loops, not functions.
+        if len(f) == 3 and f[1] in "tTwW" and not f[2].startswith("."):
             syms.append((int(f[0], 16), f[2]))
     return [a for a, _ in syms], [n for _, n in syms]
 
@@ -96,7 +97,7 @@ def demangle(name):
     out = "::".join(parts)
     for a, b in [("$LT$", "<"), ("$GT$", ">"), ("$u20$", " "), ("$RF$", "&"), ("$BP$", "*"),
                  ("$C$", ","), ("$u7b$", "{"), ("$u7d$", "}"), ("$u5b$", "["), ("$u5d$", "]"),
-                 ("$u27$", "'"), ("$LP$", "("), ("$RP$", ")"), ("..", "::")]:
+                 ("$u27$", "'"), ("$LP$", "("), ("$RP$", ")"), ("$u3b$", ";"), ("..", "::")]:
         out = out.replace(a, b)
     return out.replace("::_", "::").replace("<_", "<")
 
