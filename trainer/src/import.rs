@@ -45,12 +45,12 @@ use crate::model::{ChannelStats, DeepLab};
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// The file cannot be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not an ONNX model (truncated, corrupt or another format).
     #[error(
@@ -249,9 +249,9 @@ fn ints(node: &NodeProto, name: &str, default: Vec<i64>) -> Vec<i64> {
 
 /// Reads every `Conv` node of an f32 ONNX file, in graph order, with its initializers.
 pub fn read_convs(path: &Path) -> Result<Vec<OnnxConv>, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Read {
+    let bytes = std::fs::read(path).map_err(|error| ImportError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let decode = |detail: String| ImportError::Decode {
         path: path.to_path_buf(),
