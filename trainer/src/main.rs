@@ -199,14 +199,20 @@ fn run(command: Command) -> Result<()> {
                 stop_after,
                 quiet,
             })?;
-            println!(
-                "done: {} epochs, best validation score {:.4} (polyp mean IoU, times polyp-free specificity where there are such frames) at epoch {} ({:.1} min); weights in {}",
-                state.epochs_done,
-                state.best_val_iou,
-                state.best_epoch,
-                state.train_seconds / 60.0,
-                RunDir(out).best_model().display()
-            );
+            let best = RunDir(out).best_model();
+            if state.epochs_done == 0 || !best.exists() {
+                // `--stop-after 0`: validated the initial weights only; nothing was trained.
+                println!("done: 0 epochs trained, no weights written");
+            } else {
+                println!(
+                    "done: {} epochs, best validation score {:.4} (polyp mean IoU, times polyp-free specificity where there are such frames) at epoch {} ({:.1} min); weights in {}",
+                    state.epochs_done,
+                    state.best_val_iou,
+                    state.best_epoch,
+                    state.train_seconds / 60.0,
+                    best.display()
+                );
+            }
         }
         Command::Eval {
             run,
