@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use indicatif::{ProgressBar, ProgressStyle};
 use polypwatch_model::detect::{DetectConfig, Detector};
+use polypwatch_model::frames::{FrameRegions, Grid, choose_operating_point};
 use polypwatch_model::metrics::{Accumulator, ImageScores, SetScores};
 use polypwatch_model::model::sigmoid as sigmoid_f32;
 use polypwatch_model::preprocess::Recipe;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{SourceConfig, TrainConfig};
 use crate::data::{self, Item, Set};
 use crate::model::DeepLab;
+use crate::operating::TARGET_SPECIFICITY;
 use crate::plot;
 
 /// Decision threshold on the probability used for validation metrics.
@@ -106,8 +108,7 @@ pub struct RunState {
     pub epochs_done: usize,
     /// Optimiser steps taken.
     pub steps_done: usize,
-    /// Best validation selection score so far: mean IoU of the polyp images, times the
-    /// polyp-free images' frame specificity where there are any.
+    /// Best validation selection score so far ([`Validation::select`]).
     pub best_val_iou: f64,
     /// Epoch (1-based) of the best checkpoint.
     pub best_epoch: usize,
@@ -199,13 +200,20 @@ pub struct Validation {
     /// Frame specificity on the polyp-free validation images under the daemon's default
     /// detect settings, if there are any.
     pub specificity: Option<f64>,
-    /// What selects the best checkpoint: polyp mean IoU, times specificity where measured.
+    /// Frame sensitivity at the operating point `export` would choose now: the highest over
+    /// the grid at frame specificity >= [`TARGET_SPECIFICITY`] on the polyp-free validation
+    /// frames (0 when no point reaches it; `None` without polyp-free frames).
+    pub sensitivity: Option<f64>,
+    /// What selects the best checkpoint: polyp mean IoU, times the operating-point
+    /// sensitivity where there are polyp-free frames (the two targets a shipped model is held
+    /// to; its specificity is fixed by the operating point).
     pub select: f64,
     /// Per-source IoU or specificity, for the log line.
     pub per_source: String,
 }
 
-/// Validates on each source: mask IoU on polyp sources, frame specificity on polyp-free ones.
+/// Validates on each source: mask IoU on polyp sources, frame specificity on polyp-free ones,
+/// and the operating-point sensitivity over all of them.
 pub fn validate(
     model: &DeepLab,
     sets: &[(SourceConfig, Vec<Item>)],
@@ -213,6 +221,9 @@ pub fn validate(
     device: &Device,
 ) -> Validation {
     let detector = Detector::new(DetectConfig::default(), THRESHOLD);
+    let grid = Grid::default();
+    // Each frame's regions at every pixel threshold of the grid, as `export` searches them.
+    let mut frames: Vec<Vec<FrameRegions>> = vec![Vec::new(); grid.pixel_thresholds.len()];
     let mut polyp = Accumulator::default();
     let (mut negatives, mut quiet) = (0usize, 0usize);
     let mut per_source = String::new();
@@ -221,12 +232,21 @@ pub fn validate(
         let mut acc = Accumulator::default();
         let mut q = 0;
         for (mut l, item) in logits.into_iter().zip(items) {
+            // Turns `l` into probabilities.
+            let mask = detector.mask(&mut l, recipe.width, recipe.height);
+            for (f, &pt) in frames.iter_mut().zip(&grid.pixel_thresholds) {
+                f.push(FrameRegions::compute(
+                    &l,
+                    recipe.width,
+                    recipe.height,
+                    pt,
+                    &item.mask,
+                ));
+            }
             if source.polyp_free {
-                let mask = detector.mask(&mut l, recipe.width, recipe.height);
                 q += usize::from(!detector.detect(&l, &mask).positive);
             } else {
-                let p: Vec<f32> = l.iter().map(|&v| sigmoid_f32(v)).collect();
-                let s = ImageScores::compute(&p, THRESHOLD, &item.mask);
+                let s = ImageScores::compute(&l, THRESHOLD, &item.mask);
                 acc.push(&s);
                 polyp.push(&s);
             }
@@ -249,12 +269,24 @@ pub fn validate(
     }
     let polyp = polyp.finish();
     let specificity = (negatives > 0).then(|| quiet as f64 / negatives as f64);
+    let sensitivity = (negatives > 0).then(|| {
+        choose_operating_point(&frames, &grid, TARGET_SPECIFICITY)
+            .map_or(0.0, |p| p.val_sensitivity)
+    });
     Validation {
         polyp,
         specificity,
-        select: polyp.mean_iou * specificity.unwrap_or(1.0),
+        sensitivity,
+        select: polyp.mean_iou * sensitivity.unwrap_or(1.0),
         per_source,
     }
+}
+
+/// The log line's operating-point sensitivity, empty without polyp-free frames.
+fn sens_text(val: &Validation) -> String {
+    val.sensitivity.map_or(String::new(), |s| {
+        format!(" sensitivity@{TARGET_SPECIFICITY} {s:.4}")
+    })
 }
 
 fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
@@ -552,11 +584,12 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         let t = Instant::now();
         let val = validate(&model, &val_sets, &recipe, &device);
         eprintln!(
-            "epoch   0 (init)  val dice {:.4} iou {:.4}{}{}  {:.0}s",
+            "epoch   0 (init)  val dice {:.4} iou {:.4}{}{}{}  {:.0}s",
             val.polyp.mean_dice,
             val.polyp.mean_iou,
             val.specificity
                 .map_or(String::new(), |s| format!(" specificity {s:.4}")),
+            sens_text(&val),
             val.per_source,
             t.elapsed().as_secs_f64()
         );
@@ -576,7 +609,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     } else {
         std::fs::write(
             run.metrics_csv(),
-            "epoch,train_loss,val_dice,val_iou,lr,images_per_s,epoch_seconds,val_specificity,val_select\n",
+            "epoch,train_loss,val_dice,val_iou,lr,images_per_s,epoch_seconds,val_specificity,val_select,val_sensitivity\n",
         )?;
     }
 
@@ -679,12 +712,13 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
         let train_loss = loss_sum / steps_per_epoch.max(1) as f64;
         let ips = (steps_per_epoch * bs) as f64 / train_secs;
         let line = format!(
-            "{},{train_loss:.6},{:.6},{:.6},{lr:.3e},{ips:.2},{secs:.1},{},{:.6}\n",
+            "{},{train_loss:.6},{:.6},{:.6},{lr:.3e},{ips:.2},{secs:.1},{},{:.6},{}\n",
             epoch + 1,
             val.polyp.mean_dice,
             val.polyp.mean_iou,
             val.specificity.map_or(String::new(), |s| format!("{s:.6}")),
-            val.select
+            val.select,
+            val.sensitivity.map_or(String::new(), |s| format!("{s:.6}"))
         );
         append(&run.metrics_csv(), &line)?;
         let is_best = val.select > state.best_val_iou || state.best_epoch == 0;
@@ -704,13 +738,14 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
             eprintln!("warning: could not draw curves: {e:#}");
         }
         eprintln!(
-            "epoch {:>3}/{}  loss {train_loss:.4}  val dice {:.4} iou {:.4}{}{}{}  lr {lr:.2e}  {ips:.1} img/s  {secs:.0}s",
+            "epoch {:>3}/{}  loss {train_loss:.4}  val dice {:.4} iou {:.4}{}{}{}{}  lr {lr:.2e}  {ips:.1} img/s  {secs:.0}s",
             epoch + 1,
             cfg.train.epochs,
             val.polyp.mean_dice,
             val.polyp.mean_iou,
             val.specificity
                 .map_or(String::new(), |s| format!(" specificity {s:.4}")),
+            sens_text(&val),
             val.per_source,
             if is_best { " (best)" } else { "" }
         );
