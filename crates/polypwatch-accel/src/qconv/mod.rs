@@ -14,13 +14,14 @@
 //! arithmetic, so the output is tract's to the bit, and the output rows are shared between
 //! tract's threads.
 //!
-//! The tile kernel is AVX-512 VNNI (`vpdpbusd`) on x86-64; [`super::rewrite`] only swaps
-//! [`QConv`] in where the CPU has it. The portable kernel beside it exists so that the layouts
-//! and the fused steps are tested on any CPU (aarch64 under qemu in CI); an aarch64 dot-product
-//! kernel would slot in beside it.
+//! The tile kernel is AVX-512 VNNI (`vpdpbusd`) on x86-64 and the dot product (`sdot`) on
+//! aarch64; [`super::rewrite`] only swaps [`QConv`] in where the CPU has one of them. The
+//! portable kernel beside them exists so that the layouts and the fused steps are tested on
+//! any CPU.
 //!
 //! Here: the operator and its portable kernel; `rule` matches tract's nodes and builds the
-//! [`QConv`]; `x86_64` holds the VNNI kernel; `tests` checks both against tract.
+//! [`QConv`]; `x86_64` holds the VNNI kernel, `aarch64` the dot-product one; `tests` checks
+//! them against tract.
 
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ use tract_onnx::tract_core::tract_linalg::mmm::RoundingPolicy;
 use crate::im2col::{Geometry, Interleaved};
 use crate::threads::SendPtr;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod rule;
 #[cfg(test)]
 mod tests;
@@ -315,12 +318,15 @@ impl QConv {
     /// # Safety
     /// As [`QConv::run_rows_with`].
     unsafe fn run_rows(&self, input: &Interleaved, rows: std::ops::Range<usize>, out: Out) {
-        // SAFETY: the caller's; `Kernel::Avx512Vnni` is only chosen where the CPU has it.
+        // SAFETY: the caller's; `Kernel::Avx512Vnni` and `Kernel::Dot` are only chosen where
+        // the CPU has them.
         unsafe {
             match self.kernel {
                 Kernel::Portable => self.run_rows_with::<Portable>(input, rows, out),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512Vnni => x86_64::run_rows(self, input, rows, out),
+                #[cfg(target_arch = "aarch64")]
+                Kernel::Dot => aarch64::run_rows(self, input, rows, out),
             }
         }
     }
@@ -409,6 +415,9 @@ pub enum Kernel {
     /// AVX-512 VNNI (`vpdpbusd` on 512-bit registers).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// The aarch64 dot product (`sdot` on 128-bit registers; Armv8.2 DotProd).
+    #[cfg(target_arch = "aarch64")]
+    Dot,
 }
 
 impl Kernel {
@@ -420,6 +429,10 @@ impl Kernel {
             && std::arch::is_x86_feature_detected!("avx512vnni")
         {
             return Some(Kernel::Avx512Vnni);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Some(Kernel::Dot);
         }
         None
     }

@@ -18,17 +18,17 @@ const POLICIES: [RoundingPolicy; 6] = [
 ];
 
 /// Whether this CPU has the fast kernel (the vector tests have nothing to compare without).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn has_fast_kernel() -> bool {
     let has = Kernel::fast().is_some();
     if !has {
-        eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+        eprintln!("no AVX-512 VNNI or DotProd on this CPU: nothing to compare");
     }
     has
 }
 
 /// A xorshift64 generator: test inputs that cover the i32 range, reproducibly.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
         seed ^= seed << 13;
@@ -131,6 +131,59 @@ fn vector_requantization_equals_scalar_steps() {
             let rq = x86_64::RequantLanes::new(&rq);
             let v = rq.apply(_mm512_loadu_si512(lanes.as_ptr().cast()));
             _mm512_storeu_si512(vector.as_mut_ptr().cast(), v);
+        }
+        assert_eq!(scalar, vector, "{steps:?} on {lanes:?}");
+    }
+}
+
+/// The NEON requantization (its exact-f64 path, its fallback to the steps, and the choice
+/// between them around the f64 path's limit) gives the scalar steps' results.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_requantization_equals_scalar_steps() {
+    use std::arch::aarch64::*;
+    if !has_fast_kernel() {
+        return;
+    }
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+    for round in 0..4000 {
+        let scale = 0.5f32.powi((next() % 14) as i32) * (1.0 + (next() % 1000) as f32 / 1000.0);
+        let s = Scaler::new(scale, RoundingPolicy::Even);
+        let steps = vec![
+            Step::Scale {
+                mult: s.mult,
+                shift: s.shift,
+                policy: RoundingPolicy::Even,
+            },
+            Step::Scalar(BinOp::Add, (next() % 256) as i32 - 128),
+            Step::Scalar(BinOp::Min, 255),
+            Step::Scalar(BinOp::Max, 0),
+        ];
+        let Some(rq) = Requant::of(&steps) else {
+            continue;
+        };
+        let limit = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i64;
+        let lanes: [i32; NR] = std::array::from_fn(|_| {
+            let v = match round % 4 {
+                0 => next() as i32 as i64,
+                1 => (next() as i32 >> 10) as i64,
+                2 => limit - 2 + (next() % 5) as i64,
+                _ => -limit - 2 + (next() % 5) as i64,
+            };
+            v.clamp(i32::MIN as i64, i32::MAX as i64) as i32
+        });
+        let mut scalar = lanes;
+        for step in &steps {
+            step.apply(0, &mut scalar);
+        }
+        let mut vector = [0i32; NR];
+        // SAFETY: NEON is part of aarch64; 16 i32 in and out.
+        unsafe {
+            let rq = aarch64::RequantLanes::new(&rq);
+            let v = [0, 4, 8, 12].map(|k| vld1q_s32(lanes.as_ptr().add(k)));
+            for (k, x) in rq.row(&steps, 0, v).into_iter().enumerate() {
+                vst1q_s32(vector.as_mut_ptr().add(4 * k), x);
+            }
         }
         assert_eq!(scalar, vector, "{steps:?} on {lanes:?}");
     }

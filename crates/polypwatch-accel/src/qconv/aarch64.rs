@@ -1,0 +1,305 @@
+//! The aarch64 tile kernel on the dot-product instructions (`sdot`, Armv8.2 DotProd: the
+//! Orin's Cortex-A78AE has them, i8mm's mixed-sign `usdot` it lacks) and its NEON
+//! requantization.
+//!
+//! `sdot` multiplies signed bytes by signed bytes, so the kernel multiplies the signed
+//! `x ^ flip ^ 0x80` (`= (x ^ flip) - 128`, the unsigned value [`QConv`] defines, less 128) and
+//! adds back `128 * sum w` over the taps it read (from `tap_sums`): the same i32 sums, exact.
+//! A 16 x 16 tile is four quadrants of 8 channels x 8 pixels, 16 accumulator registers each;
+//! the inner loop over groups of four channels is assembly (the dot-product intrinsics are
+//! not stable Rust): two loads and 16 `sdot`s a group.
+
+use super::*;
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+pub(super) struct Dot;
+
+impl TileKernel for Dot {
+    #[inline(always)]
+    unsafe fn tile(
+        conv: &QConv,
+        a: &[u8],
+        b: &Patches,
+        extra: &[i32; MR],
+        m0: usize,
+        n0: usize,
+        out: Out,
+    ) {
+        // SAFETY: the caller's; `Kernel::Dot` is only chosen where the CPU has DotProd.
+        unsafe {
+            let acc = product(conv, a, b, extra, m0);
+            finish(conv, &acc, m0, n0, out)
+        }
+    }
+}
+
+/// One group loop of a quadrant: `$n` groups from `$pb` (patches, `$stride` apart) and `$pa`
+/// (weights, 64 bytes a group, this quadrant's 32 first), into `$c` (v0-v15: channel `r`'s
+/// pixels 0-3 in `2r`, 4-7 in `2r + 1`); `$flip` is an instruction or two applied to the
+/// patch registers v16, v17 before the products.
+macro_rules! quadrant_loop {
+    ($c:ident, $pb:expr, $pa:expr, $n:expr, $stride:expr, $flip:literal) => {
+        asm!(
+            "2:",
+            "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
+            "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
+            $flip,
+            "sdot v0.4s, v16.16b, v18.4b[0]",
+            "sdot v1.4s, v17.16b, v18.4b[0]",
+            "sdot v2.4s, v16.16b, v18.4b[1]",
+            "sdot v3.4s, v17.16b, v18.4b[1]",
+            "sdot v4.4s, v16.16b, v18.4b[2]",
+            "sdot v5.4s, v17.16b, v18.4b[2]",
+            "sdot v6.4s, v16.16b, v18.4b[3]",
+            "sdot v7.4s, v17.16b, v18.4b[3]",
+            "sdot v8.4s, v16.16b, v19.4b[0]",
+            "sdot v9.4s, v17.16b, v19.4b[0]",
+            "sdot v10.4s, v16.16b, v19.4b[1]",
+            "sdot v11.4s, v17.16b, v19.4b[1]",
+            "sdot v12.4s, v16.16b, v19.4b[2]",
+            "sdot v13.4s, v17.16b, v19.4b[2]",
+            "sdot v14.4s, v16.16b, v19.4b[3]",
+            "sdot v15.4s, v17.16b, v19.4b[3]",
+            "subs {n}, {n}, #1",
+            "b.ne 2b",
+            pb = inout(reg) $pb => _,
+            pa = inout(reg) $pa => _,
+            n = inout(reg) $n => _,
+            stride = in(reg) $stride,
+            wstep = in(reg) MR * 4,
+            inout("v0") $c[0],
+            inout("v1") $c[1],
+            inout("v2") $c[2],
+            inout("v3") $c[3],
+            inout("v4") $c[4],
+            inout("v5") $c[5],
+            inout("v6") $c[6],
+            inout("v7") $c[7],
+            inout("v8") $c[8],
+            inout("v9") $c[9],
+            inout("v10") $c[10],
+            inout("v11") $c[11],
+            inout("v12") $c[12],
+            inout("v13") $c[13],
+            inout("v14") $c[14],
+            inout("v15") $c[15],
+            out("v16") _,
+            out("v17") _,
+            out("v18") _,
+            out("v19") _,
+            in("v20") vdupq_n_u8(0x80),
+            options(nostack, readonly),
+        )
+    };
+}
+
+/// The tile's 16 x 16 sums, as [`Portable`]'s: `extra` plus the unsigned products.
+#[target_feature(enable = "dotprod")]
+#[inline]
+unsafe fn product(
+    conv: &QConv,
+    a: &[u8],
+    b: &Patches,
+    extra: &[i32; MR],
+    m0: usize,
+) -> [[i32; NR]; MR] {
+    assert!(b.fits(a.len()));
+    let taps = conv.geo.kh * conv.geo.kw;
+    // The products are of `x - 128`: add `128 * w` back for every tap read.
+    let mut init = *extra;
+    for (i, e) in init.iter_mut().enumerate().take(conv.m.saturating_sub(m0)) {
+        let sums = &conv.tap_sums[(m0 + i) * taps..(m0 + i + 1) * taps];
+        let read = b
+            .taps
+            .iter()
+            .fold(0i32, |s, &(_, ta)| s.wrapping_add(sums[ta / b.groups]));
+        *e = e.wrapping_add(read.wrapping_mul(128));
+    }
+    // Signed bytes as they are where `flip` is 0x80 (i8 input); else flipped to signed.
+    let signed = conv.flip == 0x80;
+    let mut acc = [[0i32; NR]; MR];
+    for h in 0..2 {
+        for v in 0..2 {
+            let mut c = [vdupq_n_s32(0); 16];
+            for (r, pair) in c.chunks_exact_mut(2).enumerate() {
+                let e = vdupq_n_s32(init[8 * h + r]);
+                pair[0] = e;
+                pair[1] = e;
+            }
+            for &(tb, ta) in b.taps {
+                // SAFETY: every run and weight group is inside its slice (asserted above);
+                // the loop reads `groups` runs of this quadrant's 32 bytes of each.
+                unsafe {
+                    let pb = b.data.as_ptr().add(b.base + tb + 32 * v);
+                    let pa = a.as_ptr().add(ta * MR * 4 + 32 * h);
+                    if signed {
+                        quadrant_loop!(c, pb, pa, b.groups, b.stride, "");
+                    } else {
+                        quadrant_loop!(
+                            c,
+                            pb,
+                            pa,
+                            b.groups,
+                            b.stride,
+                            "eor v16.16b, v16.16b, v20.16b\neor v17.16b, v17.16b, v20.16b"
+                        );
+                    }
+                }
+            }
+            for (r, pair) in c.chunks_exact(2).enumerate() {
+                let row = &mut acc[8 * h + r][8 * v..8 * v + 8];
+                // SAFETY: 8 i32 of the row.
+                unsafe {
+                    vst1q_s32(row.as_mut_ptr(), pair[0]);
+                    vst1q_s32(row.as_mut_ptr().add(4), pair[1]);
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// A [`Requant`]'s constants in registers.
+pub(super) struct RequantLanes {
+    exact: uint32x4_t,
+    scale: float64x2_t,
+    add: int32x4_t,
+    hi: int32x4_t,
+    lo: int32x4_t,
+}
+
+impl RequantLanes {
+    #[inline(always)]
+    pub(super) fn new(rq: &Requant) -> RequantLanes {
+        // SAFETY: NEON is part of aarch64.
+        unsafe {
+            RequantLanes {
+                // |acc| up to this keeps |acc| * mult below 2^53.
+                exact: vdupq_n_u32(
+                    (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as u32
+                ),
+                scale: vdupq_n_f64(rq.mult as f64 / (1u64 << rq.shift) as f64),
+                add: vdupq_n_s32(rq.add),
+                hi: vdupq_n_s32(rq.hi),
+                lo: vdupq_n_s32(rq.lo),
+            }
+        }
+    }
+
+    /// The requantization of one channel's 16 sums (offset added): the f64 path where every
+    /// lane is exact in it, else tract's i64 arithmetic as the portable kernel does it
+    /// (`steps` are the steps `self` was made from, `mi` the channel).
+    #[inline(always)]
+    pub(super) fn row(&self, steps: &[Step], mi: usize, v: [int32x4_t; 4]) -> [int32x4_t; 4] {
+        if self.exact(&v) {
+            return v.map(|x| self.apply(x));
+        }
+        let mut r = [0i32; NR];
+        // SAFETY: NEON is part of aarch64; 16 i32 out and in.
+        unsafe {
+            for (k, &x) in v.iter().enumerate() {
+                vst1q_s32(r.as_mut_ptr().add(4 * k), x);
+            }
+            for step in steps {
+                step.apply(mi, &mut r);
+            }
+            [0, 4, 8, 12].map(|k| vld1q_s32(r.as_ptr().add(k)))
+        }
+    }
+
+    /// Whether every lane of `row` takes the exact f64 path.
+    #[inline(always)]
+    fn exact(&self, row: &[int32x4_t; 4]) -> bool {
+        // SAFETY: NEON is part of aarch64. |i32::MIN| reads as 2^31 unsigned: never within.
+        unsafe {
+            let over = |v| vcgtq_u32(vreinterpretq_u32_s32(vabsq_s32(v)), self.exact);
+            let any = vorrq_u32(
+                vorrq_u32(over(row[0]), over(row[1])),
+                vorrq_u32(over(row[2]), over(row[3])),
+            );
+            vmaxvq_u32(any) == 0
+        }
+    }
+
+    /// `max(min(round_even(acc * mult / 2^shift) + add, hi), lo)` on 4 lanes whose `acc *
+    /// mult` is exact in f64 ([`RequantLanes::exact`]): converting with round-to-nearest-even
+    /// is then tract's rounding.
+    #[inline(always)]
+    fn apply(&self, acc: int32x4_t) -> int32x4_t {
+        // SAFETY: NEON is part of aarch64.
+        unsafe {
+            let lo = vcvtq_f64_s64(vmovl_s32(vget_low_s32(acc)));
+            let hi = vcvtq_f64_s64(vmovl_high_s32(acc));
+            let lo = vcvtnq_s64_f64(vmulq_f64(lo, self.scale));
+            let hi = vcvtnq_s64_f64(vmulq_f64(hi, self.scale));
+            let scaled = vmovn_high_s64(vmovn_s64(lo), hi);
+            vmaxq_s32(vminq_s32(vaddq_s32(scaled, self.add), self.hi), self.lo)
+        }
+    }
+}
+
+/// Offset, steps and store of output channels `m0..m0 + 16` at pixels `n0..n0 + 16`.
+///
+/// # Safety
+/// As [`QConv::store`].
+#[inline]
+unsafe fn finish(conv: &QConv, tile: &[[i32; NR]; MR], m0: usize, n0: usize, out: Out) {
+    let bytes = conv.out_dt != i32::datum_type();
+    let (Some(rq), true) = (conv.requant, bytes) else {
+        // Other steps or an i32 output: the scalar steps.
+        let mut tile = *tile;
+        // SAFETY: the caller's.
+        return unsafe { conv.finish(&mut tile, m0, n0, out) };
+    };
+    let lanes = RequantLanes::new(&rq);
+    for (i, row) in tile.iter().enumerate().take(MR.min(conv.m - m0)) {
+        let mi = m0 + i;
+        // SAFETY: NEON is part of aarch64; 16 i32 of the row.
+        let v = unsafe {
+            let o = vdupq_n_s32(conv.offset[mi]);
+            let p = row.as_ptr();
+            [0, 4, 8, 12].map(|k| vaddq_s32(vld1q_s32(p.add(k)), o))
+        };
+        let v = lanes.row(&conv.steps, mi, v);
+        let at = mi * conv.geo.n() + n0;
+        // SAFETY: NEON is part of aarch64; 16 elements of this channel's row (and of the
+        // residual's, same layout).
+        unsafe {
+            if let Some((zero_point, scale)) = conv.dequantize {
+                // The low byte, as tract stores it, then `(q - zero_point) as f32 * scale`.
+                let (mask, zp) = (vdupq_n_s32(0xff), vdupq_n_s32(zero_point));
+                let scale = vdupq_n_f32(f32::from_bits(scale));
+                let o = out.data.cast::<f32>().add(at);
+                for (k, &x) in v.iter().enumerate() {
+                    let q = vsubq_s32(vandq_s32(x, mask), zp);
+                    let mut f = vmulq_f32(vcvtq_f32_s32(q), scale);
+                    if !out.residual.is_null() {
+                        let r = vld1q_f32(out.residual.add(at + 4 * k));
+                        f = vmaxq_f32(vaddq_f32(f, r), vdupq_n_f32(0.0));
+                    }
+                    vst1q_f32(o.add(4 * k), f);
+                }
+            } else {
+                // tract stores the low byte.
+                let h0 = vmovn_high_s32(vmovn_s32(v[0]), v[1]);
+                let h1 = vmovn_high_s32(vmovn_s32(v[2]), v[3]);
+                let b = vmovn_high_s16(vmovn_s16(h0), h1);
+                vst1q_s8(out.data.cast::<i8>().add(at), b);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// As `QConv::run_rows_with`, on a CPU with DotProd.
+#[target_feature(enable = "dotprod")]
+pub(super) unsafe fn run_rows(
+    conv: &QConv,
+    input: &Interleaved,
+    rows: std::ops::Range<usize>,
+    out: Out,
+) {
+    // SAFETY: the caller's.
+    unsafe { conv.run_rows_with::<Dot>(input, rows, out) }
+}
