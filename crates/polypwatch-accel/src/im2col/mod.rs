@@ -475,6 +475,16 @@ impl Interleaved {
     pub(super) fn group_stride(&self) -> usize {
         self.sx * self.wq * 4
     }
+
+    /// XORs every byte (image and padding alike) with `k`: once here instead of at every read
+    /// of a kernel that wants the bytes in another signedness.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(super) fn xor(&mut self, k: u8) {
+        // A plain loop the compiler vectorises.
+        for b in self.data.as_bytes_mut() {
+            *b ^= k;
+        }
+    }
 }
 
 /// The padded input an im2col reads (`wp` wide) and the offset of every tap in it.

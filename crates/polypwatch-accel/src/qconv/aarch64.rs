@@ -3,11 +3,12 @@
 //! requantization.
 //!
 //! `sdot` multiplies signed bytes by signed bytes, so the kernel multiplies the signed
-//! `x ^ flip ^ 0x80` (`= (x ^ flip) - 128`, the unsigned value [`QConv`] defines, less 128) and
-//! adds back `128 * sum w` over the taps it read (from `tap_sums`): the same i32 sums, exact.
+//! `x ^ flip ^ 0x80` (`= (x ^ flip) - 128`, the unsigned value [`QConv`] defines, less 128;
+//! the interleaved input is XORed so once) and `128 * sum w` over the taps it reads comes in
+//! with the tile's starting sums ([`TileKernel::SIGNED`]): the same i32 sums, exact.
 //! A 16 x 16 tile is four quadrants of 8 channels x 8 pixels, 16 accumulator registers each;
 //! the inner loop over groups of four channels is assembly (the dot-product intrinsics are
-//! not stable Rust): two loads and 16 `sdot`s a group.
+//! not stable Rust): two loads and 16 `sdot`s a group, two groups an iteration.
 
 use super::*;
 use std::arch::aarch64::*;
@@ -16,6 +17,8 @@ use std::arch::asm;
 pub(super) struct Dot;
 
 impl TileKernel for Dot {
+    const SIGNED: bool = true;
+
     #[inline(always)]
     unsafe fn tile(
         conv: &QConv,
@@ -28,123 +31,173 @@ impl TileKernel for Dot {
     ) {
         // SAFETY: the caller's; `Kernel::Dot` is only chosen where the CPU has DotProd.
         unsafe {
-            let acc = product(conv, a, b, extra, m0);
+            let acc = product(a, b, extra);
             finish(conv, &acc, m0, n0, out)
         }
     }
 }
 
-/// One group loop of a quadrant: `$n` groups from `$pb` (patches, `$stride` apart) and `$pa`
-/// (weights, 64 bytes a group, this quadrant's 32 first), into `$c` (v0-v15: channel `r`'s
-/// pixels 0-3 in `2r`, 4-7 in `2r + 1`); `$flip` is an instruction or two applied to the
-/// patch registers v16, v17 before the products.
-macro_rules! quadrant_loop {
-    ($c:ident, $pb:expr, $pa:expr, $n:expr, $stride:expr, $flip:literal) => {
-        asm!(
-            "2:",
-            "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
-            "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
-            $flip,
-            "sdot v0.4s, v16.16b, v18.4b[0]",
-            "sdot v1.4s, v17.16b, v18.4b[0]",
-            "sdot v2.4s, v16.16b, v18.4b[1]",
-            "sdot v3.4s, v17.16b, v18.4b[1]",
-            "sdot v4.4s, v16.16b, v18.4b[2]",
-            "sdot v5.4s, v17.16b, v18.4b[2]",
-            "sdot v6.4s, v16.16b, v18.4b[3]",
-            "sdot v7.4s, v17.16b, v18.4b[3]",
-            "sdot v8.4s, v16.16b, v19.4b[0]",
-            "sdot v9.4s, v17.16b, v19.4b[0]",
-            "sdot v10.4s, v16.16b, v19.4b[1]",
-            "sdot v11.4s, v17.16b, v19.4b[1]",
-            "sdot v12.4s, v16.16b, v19.4b[2]",
-            "sdot v13.4s, v17.16b, v19.4b[2]",
-            "sdot v14.4s, v16.16b, v19.4b[3]",
-            "sdot v15.4s, v17.16b, v19.4b[3]",
-            "subs {n}, {n}, #1",
-            "b.ne 2b",
-            pb = inout(reg) $pb => _,
-            pa = inout(reg) $pa => _,
-            n = inout(reg) $n => _,
-            stride = in(reg) $stride,
-            wstep = in(reg) MR * 4,
-            inout("v0") $c[0],
-            inout("v1") $c[1],
-            inout("v2") $c[2],
-            inout("v3") $c[3],
-            inout("v4") $c[4],
-            inout("v5") $c[5],
-            inout("v6") $c[6],
-            inout("v7") $c[7],
-            inout("v8") $c[8],
-            inout("v9") $c[9],
-            inout("v10") $c[10],
-            inout("v11") $c[11],
-            inout("v12") $c[12],
-            inout("v13") $c[13],
-            inout("v14") $c[14],
-            inout("v15") $c[15],
-            out("v16") _,
-            out("v17") _,
-            out("v18") _,
-            out("v19") _,
-            in("v20") vdupq_n_u8(0x80),
-            options(nostack, readonly),
+/// The 16 products of one group of four channels: patches in `$x0`, `$x1` (pixels 0-3,
+/// 4-7), weights in `$w0`, `$w1` (channels 0-3, 4-7), into v0-v15 (channel `r`'s pixels 0-3
+/// in `2r`, 4-7 in `2r + 1`).
+macro_rules! group {
+    ($x0:literal, $x1:literal, $w0:literal, $w1:literal) => {
+        concat!(
+            "sdot v0.4s, ",
+            $x0,
+            ".16b, ",
+            $w0,
+            ".4b[0]\n",
+            "sdot v1.4s, ",
+            $x1,
+            ".16b, ",
+            $w0,
+            ".4b[0]\n",
+            "sdot v2.4s, ",
+            $x0,
+            ".16b, ",
+            $w0,
+            ".4b[1]\n",
+            "sdot v3.4s, ",
+            $x1,
+            ".16b, ",
+            $w0,
+            ".4b[1]\n",
+            "sdot v4.4s, ",
+            $x0,
+            ".16b, ",
+            $w0,
+            ".4b[2]\n",
+            "sdot v5.4s, ",
+            $x1,
+            ".16b, ",
+            $w0,
+            ".4b[2]\n",
+            "sdot v6.4s, ",
+            $x0,
+            ".16b, ",
+            $w0,
+            ".4b[3]\n",
+            "sdot v7.4s, ",
+            $x1,
+            ".16b, ",
+            $w0,
+            ".4b[3]\n",
+            "sdot v8.4s, ",
+            $x0,
+            ".16b, ",
+            $w1,
+            ".4b[0]\n",
+            "sdot v9.4s, ",
+            $x1,
+            ".16b, ",
+            $w1,
+            ".4b[0]\n",
+            "sdot v10.4s, ",
+            $x0,
+            ".16b, ",
+            $w1,
+            ".4b[1]\n",
+            "sdot v11.4s, ",
+            $x1,
+            ".16b, ",
+            $w1,
+            ".4b[1]\n",
+            "sdot v12.4s, ",
+            $x0,
+            ".16b, ",
+            $w1,
+            ".4b[2]\n",
+            "sdot v13.4s, ",
+            $x1,
+            ".16b, ",
+            $w1,
+            ".4b[2]\n",
+            "sdot v14.4s, ",
+            $x0,
+            ".16b, ",
+            $w1,
+            ".4b[3]\n",
+            "sdot v15.4s, ",
+            $x1,
+            ".16b, ",
+            $w1,
+            ".4b[3]\n",
         )
     };
 }
 
-/// The tile's 16 x 16 sums, as [`Portable`]'s: `extra` plus the unsigned products.
+/// The tile's 16 x 16 sums, as [`Portable`]'s (the input bytes are signed already and
+/// `extra` holds the rest: [`TileKernel::SIGNED`]).
 #[target_feature(enable = "dotprod")]
 #[inline]
-unsafe fn product(
-    conv: &QConv,
-    a: &[u8],
-    b: &Patches,
-    extra: &[i32; MR],
-    m0: usize,
-) -> [[i32; NR]; MR] {
+unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
     assert!(b.fits(a.len()));
-    let taps = conv.geo.kh * conv.geo.kw;
-    // The products are of `x - 128`: add `128 * w` back for every tap read.
-    let mut init = *extra;
-    for (i, e) in init.iter_mut().enumerate().take(conv.m.saturating_sub(m0)) {
-        let sums = &conv.tap_sums[(m0 + i) * taps..(m0 + i + 1) * taps];
-        let read = b
-            .taps
-            .iter()
-            .fold(0i32, |s, &(_, ta)| s.wrapping_add(sums[ta / b.groups]));
-        *e = e.wrapping_add(read.wrapping_mul(128));
-    }
-    // Signed bytes as they are where `flip` is 0x80 (i8 input); else flipped to signed.
-    let signed = conv.flip == 0x80;
     let mut acc = [[0i32; NR]; MR];
     for h in 0..2 {
         for v in 0..2 {
             let mut c = [vdupq_n_s32(0); 16];
             for (r, pair) in c.chunks_exact_mut(2).enumerate() {
-                let e = vdupq_n_s32(init[8 * h + r]);
+                let e = vdupq_n_s32(extra[8 * h + r]);
                 pair[0] = e;
                 pair[1] = e;
             }
             for &(tb, ta) in b.taps {
                 // SAFETY: every run and weight group is inside its slice (asserted above);
-                // the loop reads `groups` runs of this quadrant's 32 bytes of each.
+                // the loop reads `groups` runs of this quadrant's 32 bytes of each: one group
+                // first where their number is odd, then two at a time.
                 unsafe {
                     let pb = b.data.as_ptr().add(b.base + tb + 32 * v);
                     let pa = a.as_ptr().add(ta * MR * 4 + 32 * h);
-                    if signed {
-                        quadrant_loop!(c, pb, pa, b.groups, b.stride, "");
-                    } else {
-                        quadrant_loop!(
-                            c,
-                            pb,
-                            pa,
-                            b.groups,
-                            b.stride,
-                            "eor v16.16b, v16.16b, v20.16b\neor v17.16b, v17.16b, v20.16b"
-                        );
-                    }
+                    asm!(
+                        "tbz {n}, #0, 3f",
+                        "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
+                        "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
+                        group!("v16", "v17", "v18", "v19"),
+                        "3:",
+                        "lsr {n}, {n}, #1",
+                        "cbz {n}, 4f",
+                        "2:",
+                        "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
+                        "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
+                        "ld1 {{v20.16b, v21.16b}}, [{pb}], {stride}",
+                        "ld1 {{v22.16b, v23.16b}}, [{pa}], {wstep}",
+                        group!("v16", "v17", "v18", "v19"),
+                        group!("v20", "v21", "v22", "v23"),
+                        "subs {n}, {n}, #1",
+                        "b.ne 2b",
+                        "4:",
+                        pb = inout(reg) pb => _,
+                        pa = inout(reg) pa => _,
+                        n = inout(reg) b.groups => _,
+                        stride = in(reg) b.stride,
+                        wstep = in(reg) MR * 4,
+                        inout("v0") c[0],
+                        inout("v1") c[1],
+                        inout("v2") c[2],
+                        inout("v3") c[3],
+                        inout("v4") c[4],
+                        inout("v5") c[5],
+                        inout("v6") c[6],
+                        inout("v7") c[7],
+                        inout("v8") c[8],
+                        inout("v9") c[9],
+                        inout("v10") c[10],
+                        inout("v11") c[11],
+                        inout("v12") c[12],
+                        inout("v13") c[13],
+                        inout("v14") c[14],
+                        inout("v15") c[15],
+                        out("v16") _,
+                        out("v17") _,
+                        out("v18") _,
+                        out("v19") _,
+                        out("v20") _,
+                        out("v21") _,
+                        out("v22") _,
+                        out("v23") _,
+                        options(nostack, readonly),
+                    );
                 }
             }
             for (r, pair) in c.chunks_exact(2).enumerate() {

@@ -223,6 +223,21 @@ impl QConv {
         let offsets = self.geo.interleaved_taps(input);
         let (kh, kw) = (self.geo.kh, self.geo.kw);
         let pad = (self.pad ^ self.flip) as i32;
+        // A signed kernel multiplies `x - 128` (`K::SIGNED`): `128 * w` over the taps it reads
+        // comes back through `extra`, as `128 * (all taps) - 128 * (dead taps)`.
+        let (dead_mul, all_mul) = if K::SIGNED {
+            (pad - 128, 128)
+        } else {
+            (pad, 0)
+        };
+        let row_sums: Vec<i32> = if K::SIGNED {
+            self.tap_sums
+                .chunks_exact(kh * kw)
+                .map(|t| t.iter().fold(0i32, |a, &v| a.wrapping_add(v)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut live: Vec<(usize, usize)> = Vec::with_capacity(offsets.len());
         let mut dead: Vec<usize> = Vec::with_capacity(offsets.len());
         for oy in rows {
@@ -250,7 +265,14 @@ impl QConv {
                     let mut extra = [0i32; MR];
                     for (i, e) in extra.iter_mut().enumerate().take(self.m.saturating_sub(m0)) {
                         let sums = &self.tap_sums[(m0 + i) * kh * kw..];
-                        *e = dead.iter().map(|&t| sums[t]).sum::<i32>().wrapping_mul(pad);
+                        *e = dead
+                            .iter()
+                            .map(|&t| sums[t])
+                            .sum::<i32>()
+                            .wrapping_mul(dead_mul);
+                        if K::SIGNED {
+                            *e = e.wrapping_add(row_sums[m0 + i].wrapping_mul(all_mul));
+                        }
                     }
                     // SAFETY: the tile (m0.., oy * ow + ox..) is this row's.
                     unsafe { K::tile(self, a, &b, &extra, m0, oy * ow + ox, out) };
@@ -346,7 +368,13 @@ impl QConv {
         let input = input.try_as_plain_ram()?;
         // Bytes either way: the kernel flips them to unsigned with `flip`.
         let x = input.as_bytes();
-        let input = self.geo.interleaved(x, self.pad);
+        #[allow(unused_mut)]
+        let mut input = self.geo.interleaved(x, self.pad);
+        #[cfg(target_arch = "aarch64")]
+        if self.kernel == Kernel::Dot && self.flip != 0x80 {
+            // `sdot` multiplies signed bytes: `(x ^ flip) - 128` is `x ^ flip ^ 0x80`.
+            input.xor(self.flip ^ 0x80);
+        }
         // SAFETY: `run_rows` writes every element (all rows, all channels).
         let mut out = unsafe { Tensor::uninitialized_dt(self.stored_dt(), &self.out_shape)? };
         let residual = match (self.residual_relu, residual) {
@@ -443,6 +471,11 @@ impl Kernel {
 /// (groups of `NR x 4` signed bytes, made unsigned by adding 128), then the correction, the
 /// fused steps and the store of output channels `m0..` at pixels `n0..`.
 trait TileKernel {
+    /// The kernel multiplies the signed `(x ^ flip) - 128` (the input bytes made so once,
+    /// before the tiles) instead of the unsigned `x ^ flip`; `extra` then holds `128 * w` of
+    /// the taps the tile reads too, so the sums are the same.
+    const SIGNED: bool = false;
+
     /// # Safety
     /// `out` is the output's data and the tile inside it; the kernel's instructions exist on
     /// this CPU.
