@@ -7,12 +7,14 @@
 //! output is identical to the bit.
 //!
 //! Here: the operator and its portable passes; `rule` matches tract's `Resize`; `x86_64` holds
-//! the AVX-512 column pass; `tests` checks it against tract.
+//! the AVX-512 column pass, `aarch64` the NEON one; `tests` checks them against tract.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::resize::AxisPlan;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod rule;
 #[cfg(test)]
 mod tests;
@@ -87,6 +89,12 @@ struct Chunk {
     nz0: u16,
     nz1: u16,
     len: usize,
+    /// `idx0`, `idx1` as byte indices into the 64-byte window (`4 i + 0..4`), for `tbl`.
+    bytes0: [u8; 64],
+    bytes1: [u8; 64],
+    /// `nz0`, `nz1` as lane masks (all ones where the weight is not zero).
+    mask0: [u32; 16],
+    mask1: [u32; 16],
 }
 
 impl Lanes {
@@ -114,6 +122,10 @@ impl Lanes {
                     nz0: 0,
                     nz1: 0,
                     len,
+                    bytes0: [0; 64],
+                    bytes1: [0; 64],
+                    mask0: [0; 16],
+                    mask1: [0; 16],
                 };
                 for l in 0..len {
                     let x = x0 + l;
@@ -122,6 +134,14 @@ impl Lanes {
                     (c.w0[l], c.w1[l]) = (p.w0[x], p.w1[x]);
                     c.nz0 |= ((f32::from_bits(p.w0[x]) != 0.0) as u16) << l;
                     c.nz1 |= ((f32::from_bits(p.w1[x]) != 0.0) as u16) << l;
+                }
+                for l in 0..16 {
+                    for (j, byte) in (0..4).zip(4 * l..) {
+                        c.bytes0[byte] = (4 * c.idx0[l] + j) as u8;
+                        c.bytes1[byte] = (4 * c.idx1[l] + j) as u8;
+                    }
+                    c.mask0[l] = if c.nz0 >> l & 1 == 1 { u32::MAX } else { 0 };
+                    c.mask1[l] = if c.nz1 >> l & 1 == 1 { u32::MAX } else { 0 };
                 }
                 Some(c)
             })
@@ -202,6 +222,13 @@ impl Bilinear {
                 {
                     // SAFETY: AVX512 is only true on CPUs with it; the row is `w` wide.
                     unsafe { lanes.columns(row, out_row) };
+                    continue;
+                }
+                #[cfg(target_arch = "aarch64")]
+                if let Some(lanes) = &self.lanes
+                    && lanes.w == w
+                {
+                    lanes.columns(row, out_row);
                     continue;
                 }
                 if let Some(Pairs { i0, i1, w0, w1 }) = &self.pairs {
