@@ -8,7 +8,8 @@
 //! with the tile's starting sums ([`TileKernel::SIGNED`]): the same i32 sums, exact.
 //! A 16 x 16 tile is four quadrants of 8 channels x 8 pixels, 16 accumulator registers each;
 //! the inner loop over groups of four channels is assembly (the dot-product intrinsics are
-//! not stable Rust): two loads and 16 `sdot`s a group, two groups an iteration.
+//! not stable Rust): two loads and 16 `sdot`s a group, two groups an iteration, the taps walked in the same
+//! assembly.
 
 use super::*;
 use std::arch::aarch64::*;
@@ -132,7 +133,10 @@ macro_rules! group {
 #[target_feature(enable = "dotprod")]
 #[inline]
 unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
+    // `fits` also asserts `groups > 0`.
     assert!(b.fits(a.len()));
+    // `ta * MR * 4` is `ta << 6` in the loop.
+    const _: () = assert!(MR * 4 == 64);
     let mut acc = [[0i32; NR]; MR];
     for h in 0..2 {
         for v in 0..2 {
@@ -142,14 +146,18 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
                 pair[0] = e;
                 pair[1] = e;
             }
-            for &(tb, ta) in b.taps {
-                // SAFETY: every run and weight group is inside its slice (asserted above);
-                // the loop reads `groups` runs of this quadrant's 32 bytes of each: one group
-                // first where their number is odd, then two at a time.
+            // SAFETY: every run and weight group is inside its slice (asserted above); for
+            // each tap the loop reads `groups` runs of this quadrant's 32 bytes of each: one
+            // group first where their number is odd, then two at a time. (A tile whose taps
+            // all read padding has only `extra`.)
+            if !b.taps.is_empty() {
                 unsafe {
-                    let pb = b.data.as_ptr().add(b.base + tb + 32 * v);
-                    let pa = a.as_ptr().add(ta * MR * 4 + 32 * h);
                     asm!(
+                        "5:",
+                        "ldp {pb}, {pa}, [{tap}], #16",
+                        "add {pb}, {xbase}, {pb}",
+                        "add {pa}, {abase}, {pa}, lsl #6",
+                        "mov {n}, {groups}",
                         "tbz {n}, #0, 3f",
                         "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
                         "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
@@ -167,9 +175,16 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
                         "subs {n}, {n}, #1",
                         "b.ne 2b",
                         "4:",
-                        pb = inout(reg) pb => _,
-                        pa = inout(reg) pa => _,
-                        n = inout(reg) b.groups => _,
+                        "subs {taps}, {taps}, #1",
+                        "b.ne 5b",
+                        tap = inout(reg) b.taps.as_ptr() => _,
+                        taps = inout(reg) b.taps.len() => _,
+                        xbase = in(reg) b.data.as_ptr().add(b.base + 32 * v),
+                        abase = in(reg) a.as_ptr().add(32 * h),
+                        groups = in(reg) b.groups,
+                        pb = out(reg) _,
+                        pa = out(reg) _,
+                        n = out(reg) _,
                         stride = in(reg) b.stride,
                         wstep = in(reg) MR * 4,
                         inout("v0") c[0],

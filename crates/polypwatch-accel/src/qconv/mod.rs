@@ -238,7 +238,7 @@ impl QConv {
         } else {
             Vec::new()
         };
-        let mut live: Vec<(usize, usize)> = Vec::with_capacity(offsets.len());
+        let mut live: Vec<[usize; 2]> = Vec::with_capacity(offsets.len());
         let mut dead: Vec<usize> = Vec::with_capacity(offsets.len());
         for oy in rows {
             for ox in (0..ow).step_by(NR) {
@@ -250,7 +250,7 @@ impl QConv {
                     if self.geo.tap_in_padding(oy, ox, NR, t / kw, t % kw) {
                         dead.push(t);
                     } else {
-                        live.push((offset, t * input.c4));
+                        live.push([offset, t * input.c4]);
                     }
                 }
                 let b = Patches {
@@ -418,7 +418,8 @@ struct Patches<'a> {
     data: &'a [u8],
     base: usize,
     /// Per tap read: its byte offset from `base` and its first weight group.
-    taps: &'a [(usize, usize)],
+    /// (Arrays, not tuples: the aarch64 kernel walks them in assembly.)
+    taps: &'a [[usize; 2]],
     groups: usize,
     stride: usize,
 }
@@ -428,7 +429,7 @@ impl Patches<'_> {
     fn fits(&self, a_len: usize) -> bool {
         let span = self.groups.saturating_sub(1) * self.stride;
         self.groups > 0
-            && self.taps.iter().all(|&(b, a)| {
+            && self.taps.iter().all(|&[b, a]| {
                 self.base + b + span + NR * 4 <= self.data.len()
                     && (a + self.groups) * MR * 4 <= a_len
             })
@@ -505,7 +506,7 @@ impl TileKernel for Portable {
     ) {
         assert!(b.fits(a.len()));
         let mut acc = extra.map(|e| [e; NR]);
-        for &(tb, ta) in b.taps {
+        for &[tb, ta] in b.taps {
             for g in 0..b.groups {
                 let at = b.base + tb + g * b.stride;
                 let ga = &a[(ta + g) * MR * 4..(ta + g + 1) * MR * 4];

@@ -32,7 +32,7 @@ unsafe fn product(a: &[u8], b: &Patches, flip: u8, extra: &[i32; MR]) -> [__m512
     for (ci, &e) in c.iter_mut().zip(extra) {
         *ci = _mm512_set1_epi32(e);
     }
-    for &(tb, ta) in b.taps {
+    for &[tb, ta] in b.taps {
         // SAFETY: every run and weight group is inside its slice (asserted above);
         // unaligned loads.
         unsafe {
