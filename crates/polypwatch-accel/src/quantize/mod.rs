@@ -3,14 +3,18 @@
 //! tract's `QuantizeLinearU8` rounds each value through a bit-twiddling function the compiler
 //! cannot vectorise (about 3 ns a value here; 5 ms of a frame over the decoder's feature maps).
 //! [`Quantize`] computes the same `clamp(round_half_even(x * scale) + zero_point, 0, 255)` with
-//! the add-and-subtract-1.5*2^23 rounding trick, which vectorises on any SIMD level.
+//! the add-and-subtract-1.5*2^23 rounding trick, which vectorises on any SIMD level; on
+//! aarch64 with NEON's rounding conversion and saturating narrowings (a third of the
+//! instructions).
 //!
-//! Here: the operators; `rule` matches tract's quantizations; `tests` checks them against
-//! tract.
+//! Here: the operators; `rule` matches tract's quantizations; `aarch64` the NEON loop; `tests`
+//! checks them against tract.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod rule;
 #[cfg(test)]
 mod tests;
@@ -38,6 +42,11 @@ crate::simd::with_avx512_copy!(Quantize, run, run_any, xs: &[f32], ys: &mut [u8]
 impl Quantize {
     #[inline(always)]
     fn run_any(&self, xs: &[f32], ys: &mut [u8]) {
+        #[cfg(target_arch = "aarch64")]
+        let (xs, ys) = {
+            let done = self.run_neon(xs, ys);
+            (&xs[done..], &mut ys[done..])
+        };
         let scale = f32::from_bits(self.scale_bits);
         let zp = self.zero_point as i32;
         for (y, &x) in ys.iter_mut().zip(xs) {

@@ -25,13 +25,36 @@ proptest! {
     }
 }
 
+/// NaN, infinities and huge values, through the vector loop (runs of 16) and its tail: tract's
+/// results, except where tract's `x as i32 + zero_point` overflows (x * scale at or beyond
+/// 2^31 - zero_point: it wraps negative and clamps to 0), where ours saturate to 255 as every
+/// other large value does.
 #[test]
 fn nan_maps_to_the_zero_point_like_tract() {
     let op = Quantize {
         scale_bits: 0.5f32.to_bits(),
         zero_point: 17,
     };
-    let mut ys = [0u8; 1];
-    op.run(&[f32::NAN], &mut ys);
-    assert_eq!(ys[0], quantize_linear_f32_u8(f32::NAN, 0.5, 17));
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3e38,
+        -3e38,
+        -0.0,
+        0.0,
+        2e9,
+    ];
+    let xs: Vec<f32> = (0..37).map(|i| specials[i % specials.len()]).collect();
+    let mut ys = vec![0u8; xs.len()];
+    op.run(&xs, &mut ys);
+    for (&x, &y) in xs.iter().zip(&ys) {
+        if x * 0.5 >= (i32::MAX - 17) as f32 {
+            assert_eq!(quantize_linear_f32_u8(x, 0.5, 17), 0, "x = {x}");
+            assert_eq!(y, 255, "x = {x}");
+        } else {
+            assert_eq!(y, quantize_linear_f32_u8(x, 0.5, 17), "x = {x}");
+        }
+    }
+    assert_eq!(ys[0], 17);
 }
