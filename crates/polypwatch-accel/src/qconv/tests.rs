@@ -85,17 +85,13 @@ fn fast_kernel_gives_tracts_logits() {
     }
 }
 
-/// The vector requantization (its exact-f64 path and its i64 path) gives the scalar steps'
-/// results, around the f64 path's limit too.
-#[cfg(target_arch = "x86_64")]
-#[test]
-fn vector_requantization_equals_scalar_steps() {
-    use std::arch::x86_64::*;
-    if !has_fast_kernel() {
-        return;
-    }
+/// 4000 requantization cases, reproducibly: the usual steps at a random scale and zero point,
+/// the `Requant` they make, 16 accumulators (random, small, or within 2 of the f64 path's
+/// limit on either side), and what the scalar steps make of them.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn requantization_cases() -> impl Iterator<Item = (Vec<Step>, Requant, [i32; NR], [i32; NR])> {
     let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
-    for round in 0..4000 {
+    (0..4000).filter_map(move |round| {
         let scale = 0.5f32.powi((next() % 14) as i32) * (1.0 + (next() % 1000) as f32 / 1000.0);
         let s = Scaler::new(scale, RoundingPolicy::Even);
         let steps = vec![
@@ -108,9 +104,7 @@ fn vector_requantization_equals_scalar_steps() {
             Step::Scalar(BinOp::Min, 255),
             Step::Scalar(BinOp::Max, 0),
         ];
-        let Some(rq) = Requant::of(&steps) else {
-            continue;
-        };
+        let rq = Requant::of(&steps)?;
         let limit = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i64;
         let lanes: [i32; NR] = std::array::from_fn(|_| {
             let v = match round % 4 {
@@ -125,6 +119,20 @@ fn vector_requantization_equals_scalar_steps() {
         for step in &steps {
             step.apply(0, &mut scalar);
         }
+        Some((steps, rq, lanes, scalar))
+    })
+}
+
+/// The vector requantization (its exact-f64 path and its i64 path) gives the scalar steps'
+/// results, around the f64 path's limit too.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vector_requantization_equals_scalar_steps() {
+    use std::arch::x86_64::*;
+    if !has_fast_kernel() {
+        return;
+    }
+    for (steps, rq, lanes, scalar) in requantization_cases() {
         let mut vector = [0i32; NR];
         // SAFETY: AVX-512 is present (checked above); 16 i32 in and out.
         unsafe {
@@ -145,37 +153,7 @@ fn neon_requantization_equals_scalar_steps() {
     if !has_fast_kernel() {
         return;
     }
-    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
-    for round in 0..4000 {
-        let scale = 0.5f32.powi((next() % 14) as i32) * (1.0 + (next() % 1000) as f32 / 1000.0);
-        let s = Scaler::new(scale, RoundingPolicy::Even);
-        let steps = vec![
-            Step::Scale {
-                mult: s.mult,
-                shift: s.shift,
-                policy: RoundingPolicy::Even,
-            },
-            Step::Scalar(BinOp::Add, (next() % 256) as i32 - 128),
-            Step::Scalar(BinOp::Min, 255),
-            Step::Scalar(BinOp::Max, 0),
-        ];
-        let Some(rq) = Requant::of(&steps) else {
-            continue;
-        };
-        let limit = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i64;
-        let lanes: [i32; NR] = std::array::from_fn(|_| {
-            let v = match round % 4 {
-                0 => next() as i32 as i64,
-                1 => (next() as i32 >> 10) as i64,
-                2 => limit - 2 + (next() % 5) as i64,
-                _ => -limit - 2 + (next() % 5) as i64,
-            };
-            v.clamp(i32::MIN as i64, i32::MAX as i64) as i32
-        });
-        let mut scalar = lanes;
-        for step in &steps {
-            step.apply(0, &mut scalar);
-        }
+    for (steps, rq, lanes, scalar) in requantization_cases() {
         let mut vector = [0i32; NR];
         // SAFETY: NEON is part of aarch64; 16 i32 in and out.
         unsafe {

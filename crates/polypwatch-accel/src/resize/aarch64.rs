@@ -12,14 +12,8 @@ impl Lanes {
     ///
     /// `row` is `self.w` wide and `out` holds the chunks' outputs.
     pub(super) fn columns(&self, row: &[f32], out: &mut [f32]) {
-        assert!(row.len() == self.w && out.len() >= self.chunks.iter().map(|c| c.len).sum());
         let mut padded = [0f32; 16];
-        let row = if self.w < 16 {
-            padded[..self.w].copy_from_slice(row);
-            &padded[..]
-        } else {
-            row
-        };
+        let row = self.window(row, out, &mut padded);
         for (c, x0) in self.chunks.iter().zip((0..).step_by(16)) {
             let mut res = [0f32; 16];
             // SAFETY: NEON is part of aarch64; lo + 16 <= row.len() (built so), and the

@@ -98,6 +98,22 @@ struct Chunk {
 }
 
 impl Lanes {
+    /// `row` (`self.w` wide) as the column passes read it: at least 16 floats, a narrower row
+    /// copied into `padded`. Checks that `out` holds the chunks' outputs.
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )]
+    fn window<'a>(&self, row: &'a [f32], out: &[f32], padded: &'a mut [f32; 16]) -> &'a [f32] {
+        assert!(row.len() == self.w && out.len() >= self.chunks.iter().map(|c| c.len).sum());
+        if self.w < 16 {
+            padded[..self.w].copy_from_slice(row);
+            &padded[..]
+        } else {
+            row
+        }
+    }
+
     fn new(p: &Pairs, w: usize) -> Option<Lanes> {
         let ow = p.i0.len();
         let chunks = (0..ow)

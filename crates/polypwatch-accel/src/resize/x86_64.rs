@@ -12,16 +12,10 @@ impl Lanes {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn columns(&self, row: &[f32], out: &mut [f32]) {
         use std::arch::x86_64::*;
-        assert!(row.len() == self.w && out.len() >= self.chunks.iter().map(|c| c.len).sum());
         let mut padded = [0f32; 16];
-        let row = if self.w < 16 {
-            padded[..self.w].copy_from_slice(row);
-            &padded[..]
-        } else {
-            row
-        };
+        let row = self.window(row, out, &mut padded);
         for (c, x0) in self.chunks.iter().zip((0..).step_by(16)) {
-            // SAFETY: lo + 16 <= row.len() (built so) and x0 + len <= out.len() (asserted).
+            // SAFETY: lo + 16 <= row.len() (built so) and x0 + len <= out.len() (asserted by `window`).
             unsafe {
                 let src = _mm512_loadu_ps(row.as_ptr().add(c.lo));
                 let load = |v: &[u32; 16]| _mm512_loadu_si512(v.as_ptr().cast());
