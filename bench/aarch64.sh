@@ -9,6 +9,9 @@
 #   JOBS=2         qemu runs at once (each is single-threaded on the host per guest thread)
 #   ORT_VERSION=1.32.0  onnxruntime wheel from PyPI (manylinux_2_28_aarch64)
 #   TOP=12         symbols listed per polypwatch row (from count_runs' symbol table)
+#   PRECISIONS="f32 int8"  polypwatch's files to count (default both)
+#   RUNTIMES="polypwatch onnxruntime"  which runtimes run them (default both: a kernel change
+#                  needs only polypwatch's side counted again)
 #   ORT_QDQ=1      also count ONNX Runtime on its own static QDQ int8 quantization of the f32
 #                  file (bench/ort_bench.py's, made on this host in target/bench-venv, as
 #                  bench/compare.sh makes it); 0 skips it
@@ -40,6 +43,8 @@ JOBS=${JOBS:-2}
 ORT_VERSION=${ORT_VERSION:-1.32.0}
 TOP=${TOP:-12}
 ORT_QDQ=${ORT_QDQ:-1}
+PRECISIONS=${PRECISIONS:-f32 int8}
+RUNTIMES=${RUNTIMES:-polypwatch onnxruntime}
 out=$root/target/aarch64-bench
 mkdir -p "$out"
 target=aarch64-unknown-linux-gnu
@@ -194,12 +199,14 @@ mkdir -p "$runs_dir"
 jobs_list=()
 for t in $THREADS; do
   for rep in $(seq 1 "$REPEAT"); do
-    for p in f32 int8; do
+    for p in $PRECISIONS; do
       for n in "$RUNS" 0; do
-        jobs_list+=("polypwatch $p $t $n $rep" "onnxruntime $p $t $n $rep")
+        for rt in $RUNTIMES; do
+          jobs_list+=("$rt $p $t $n $rep")
+        done
       done
     done
-    if [ "$ORT_QDQ" = 1 ]; then
+    if [ "$ORT_QDQ" = 1 ] && [[ " $RUNTIMES " = *" onnxruntime "* ]]; then
       jobs_list+=("onnxruntime qdq $t $RUNS $rep" "onnxruntime qdq $t 0 $rep")
     fi
   done

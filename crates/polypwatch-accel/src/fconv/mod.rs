@@ -45,6 +45,8 @@ mod rule;
 #[cfg(test)]
 mod tests;
 mod winograd;
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -82,6 +84,9 @@ pub enum Kernel {
     /// AVX-512 F.
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// NEON (every aarch64 CPU has it).
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 impl Kernel {
@@ -91,6 +96,9 @@ impl Kernel {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return Some(Kernel::Avx512);
         }
+        #[cfg(target_arch = "aarch64")]
+        return Some(Kernel::Neon);
+        #[allow(unreachable_code)]
         None
     }
 }
@@ -420,6 +428,8 @@ impl FConv {
                 Kernel::Portable => Portable::tile(&job, bias, &store),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => x86_64::tile(&job, bias, &store),
+                #[cfg(target_arch = "aarch64")]
+                Kernel::Neon => aarch64::tile(&job, bias, &store),
             }
         }
     }

@@ -16,6 +16,8 @@ use super::{
 use std::ops::Range;
 use std::sync::Arc;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -478,6 +480,8 @@ impl FConv {
                 Kernel::Portable => Portable::tile(&job, &zeros, &store),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => super::x86_64::tile(&job, &zeros, &store),
+                #[cfg(target_arch = "aarch64")]
+                Kernel::Neon => super::aarch64::tile(&job, &zeros, &store),
             }
         }
     }
@@ -513,6 +517,13 @@ impl FConv {
             }
             // SAFETY: the caller's; a kernel other than the portable one means AVX-512 F.
             return unsafe { wide(self, wg, x, ci, vectors, layout, u) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if self.kernel != Kernel::Portable {
+            // SAFETY: the caller's.
+            return unsafe {
+                self.transform_input_any::<aarch64::Neon>(wg, x, ci, vectors, layout, u)
+            };
         }
         // SAFETY: the caller's.
         unsafe { self.transform_input_any::<[f32; LANES]>(wg, x, ci, vectors, layout, u) }
@@ -605,6 +616,10 @@ impl FConv {
             }
             // SAFETY: a kernel other than the portable one means AVX-512 F.
             return unsafe { wide(self, wg, v, mi, residual, out) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if self.kernel != Kernel::Portable {
+            return self.transform_output_any::<aarch64::Neon>(wg, v, mi, residual, out);
         }
         self.transform_output_any::<[f32; LANES]>(wg, v, mi, residual, out)
     }

@@ -1,0 +1,148 @@
+//! The NEON lanes of the transforms: `LANES` floats as four 128-bit registers.
+
+use super::{LANES, Lanes};
+use std::arch::aarch64::*;
+
+/// `LANES` floats in four NEON registers.
+#[derive(Clone, Copy)]
+pub(in crate::fconv) struct Neon([float32x4_t; 4]);
+
+impl Neon {
+    #[inline(always)]
+    fn map(self, f: impl Fn(float32x4_t) -> float32x4_t) -> Neon {
+        Neon(self.0.map(f))
+    }
+
+    #[inline(always)]
+    fn zip(self, o: Neon, f: impl Fn(float32x4_t, float32x4_t) -> float32x4_t) -> Neon {
+        let (a, b) = (self.0, o.0);
+        Neon([f(a[0], b[0]), f(a[1], b[1]), f(a[2], b[2]), f(a[3], b[3])])
+    }
+
+    #[inline(always)]
+    fn from_array(v: &[f32; LANES]) -> Neon {
+        // SAFETY: NEON is part of aarch64; 16 floats.
+        unsafe { Neon::load(v.as_ptr(), LANES) }
+    }
+
+    #[inline(always)]
+    fn to_array(self) -> [f32; LANES] {
+        let mut v = [0f32; LANES];
+        // SAFETY: NEON is part of aarch64; 16 floats.
+        unsafe { self.store(v.as_mut_ptr(), LANES) };
+        v
+    }
+}
+
+impl Lanes for Neon {
+    #[inline(always)]
+    unsafe fn load(p: *const f32, n: usize) -> Self {
+        // SAFETY: the caller's: `n` floats at `p`; NEON is part of aarch64.
+        unsafe {
+            if n >= LANES {
+                return Neon([0, 4, 8, 12].map(|i| vld1q_f32(p.add(i))));
+            }
+            let mut v = [0f32; LANES];
+            std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), n);
+            Neon::from_array(&v)
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32, n: usize) {
+        // SAFETY: the caller's: `n` floats at `p`; NEON is part of aarch64.
+        unsafe {
+            if n >= LANES {
+                for (i, v) in self.0.into_iter().enumerate() {
+                    vst1q_f32(p.add(4 * i), v);
+                }
+                return;
+            }
+            let v = self.to_array();
+            std::ptr::copy_nonoverlapping(v.as_ptr(), p, n);
+        }
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        // SAFETY: NEON is part of aarch64.
+        self.zip(o, |a, b| unsafe { vaddq_f32(a, b) })
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        // SAFETY: NEON is part of aarch64.
+        self.zip(o, |a, b| unsafe { vsubq_f32(a, b) })
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        // SAFETY: NEON is part of aarch64.
+        Neon([unsafe { vdupq_n_f32(v) }; 4])
+    }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        // SAFETY: NEON is part of aarch64. The lanes where `x > 0`, zero elsewhere (NaN too).
+        self.map(|x| unsafe {
+            let positive = vcgtq_f32(x, vdupq_n_f32(0.0));
+            vreinterpretq_f32_u32(vandq_u32(positive, vreinterpretq_u32_f32(x)))
+        })
+    }
+    #[inline(always)]
+    unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self {
+        // NEON has no gather: lane by lane.
+        let mut v = [0f32; LANES];
+        for (v, &i) in v.iter_mut().zip(at) {
+            if i >= 0 {
+                // SAFETY: the caller's: `i` is inside `x`.
+                *v = unsafe { *x.get_unchecked(i as usize) };
+            }
+        }
+        Neon::from_array(&v)
+    }
+    #[inline(always)]
+    unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]) {
+        for (v, &i) in self.to_array().into_iter().zip(at) {
+            if i >= 0 {
+                // SAFETY: the caller's: `i` is inside `x`.
+                unsafe { *x.get_unchecked_mut(i as usize) = v };
+            }
+        }
+    }
+    #[inline(always)]
+    fn even_odd(row: &[f32], first: isize) -> (Self, Self) {
+        let inside = usize::try_from(first)
+            .ok()
+            .filter(|&f| f + 2 * LANES <= row.len());
+        let Some(first) = inside else {
+            // At the row's ends: the portable lanes, zero outside.
+            let (e, o) = <[f32; LANES]>::even_odd(row, first);
+            return (Neon::from_array(&e), Neon::from_array(&o));
+        };
+        // SAFETY: NEON is part of aarch64; the 32 floats from `first` are inside `row`.
+        unsafe {
+            let p = row.as_ptr().add(first);
+            let r: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
+            let even = [0, 2, 4, 6].map(|i| vuzp1q_f32(r[i], r[i + 1]));
+            let odd = [0, 2, 4, 6].map(|i| vuzp2q_f32(r[i], r[i + 1]));
+            (Neon(even), Neon(odd))
+        }
+    }
+    #[inline(always)]
+    fn interleave(a: Self, b: Self) -> (Self, Self) {
+        let (a, b) = (a.0, b.0);
+        // SAFETY: NEON is part of aarch64.
+        unsafe {
+            (
+                Neon([
+                    vzip1q_f32(a[0], b[0]),
+                    vzip2q_f32(a[0], b[0]),
+                    vzip1q_f32(a[1], b[1]),
+                    vzip2q_f32(a[1], b[1]),
+                ]),
+                Neon([
+                    vzip1q_f32(a[2], b[2]),
+                    vzip2q_f32(a[2], b[2]),
+                    vzip1q_f32(a[3], b[3]),
+                    vzip2q_f32(a[3], b[3]),
+                ]),
+            )
+        }
+    }
+}
