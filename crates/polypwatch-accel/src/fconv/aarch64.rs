@@ -188,7 +188,7 @@ pub(super) unsafe fn tile(job: &Job, bias: &[f32], store: &Store) {
         // A last pass of fewer columns repeats its last (computed, not stored).
         let cols: [_; COLS] = std::array::from_fn(|i| column((k + i).min(n - 1)));
         // SAFETY: the caller's; these columns are the tile's.
-        let a = unsafe { pass(job, bias, cols.map(|c| c.0)) };
+        let a = unsafe { pass(job, bias, [cols[0].0, cols[1].0, cols[2].0]) };
         let live = (n - k).min(COLS);
         // SAFETY: the caller's: these pixels are inside `out` (and `residual`), the tile's.
         unsafe { finish(&a, &cols[..live], store) };
@@ -203,6 +203,35 @@ pub(super) unsafe fn tile(job: &Job, bias: &[f32], store: &Store) {
 unsafe fn finish(a: &[[float32x4_t; COLS]; MR], cols: &[(usize, usize, usize)], store: &Store) {
     // SAFETY: NEON is part of aarch64; every read and write is one of the tile's pixels.
     unsafe {
+        let relu = |y: float32x4_t| {
+            // `if y > 0 { y } else { 0 }`, as the portable kernel (NaN too).
+            let positive = vcgtq_f32(y, vdupq_n_f32(0.0));
+            vreinterpretq_f32_u32(vandq_u32(positive, vreinterpretq_u32_f32(y)))
+        };
+        // Three whole neighbouring columns (every Winograd product, the inside of a map):
+        // one store a channel.
+        if let [(_, at, Q), (_, a1, Q), (_, a2, Q)] = *cols
+            && a1 == at + Q
+            && a2 == a1 + Q
+        {
+            for (i, y) in a.iter().enumerate().take(store.rows) {
+                let at = (store.first + i) * store.pixels + at;
+                let mut y = *y;
+                if let Some(r) = store.residual {
+                    let r = vld1q_f32_x3(r.as_ptr().add(at));
+                    y = [
+                        vaddq_f32(y[0], r.0),
+                        vaddq_f32(y[1], r.1),
+                        vaddq_f32(y[2], r.2),
+                    ];
+                }
+                if store.relu {
+                    y = [relu(y[0]), relu(y[1]), relu(y[2])];
+                }
+                vst1q_f32_x3(store.out.add(at), float32x4x3_t(y[0], y[1], y[2]));
+            }
+            return;
+        }
         for (i, rows) in a.iter().enumerate().take(store.rows) {
             let channel = (store.first + i) * store.pixels;
             for (&y, &(_, at, len)) in rows.iter().zip(cols) {
@@ -213,9 +242,7 @@ unsafe fn finish(a: &[[float32x4_t; COLS]; MR], cols: &[(usize, usize, usize)], 
                         y = vaddq_f32(y, vld1q_f32(r.as_ptr().add(at)));
                     }
                     if store.relu {
-                        // `if y > 0 { y } else { 0 }`, as the portable kernel (NaN too).
-                        let positive = vcgtq_f32(y, vdupq_n_f32(0.0));
-                        y = vreinterpretq_f32_u32(vandq_u32(positive, vreinterpretq_u32_f32(y)));
+                        y = relu(y);
                     }
                     vst1q_f32(store.out.add(at), y);
                 } else if len > 0 {

@@ -10,7 +10,8 @@ pub(in crate::fconv) struct Neon([float32x4_t; 4]);
 impl Neon {
     #[inline(always)]
     fn map(self, f: impl Fn(float32x4_t) -> float32x4_t) -> Neon {
-        Neon(self.0.map(f))
+        let a = self.0;
+        Neon([f(a[0]), f(a[1]), f(a[2]), f(a[3])])
     }
 
     #[inline(always)]
@@ -40,7 +41,8 @@ impl Lanes for Neon {
         // SAFETY: the caller's: `n` floats at `p`; NEON is part of aarch64.
         unsafe {
             if n >= LANES {
-                return Neon([0, 4, 8, 12].map(|i| vld1q_f32(p.add(i))));
+                let v = vld1q_f32_x4(p);
+                return Neon([v.0, v.1, v.2, v.3]);
             }
             let mut v = [0f32; LANES];
             std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), n);
@@ -52,10 +54,8 @@ impl Lanes for Neon {
         // SAFETY: the caller's: `n` floats at `p`; NEON is part of aarch64.
         unsafe {
             if n >= LANES {
-                for (i, v) in self.0.into_iter().enumerate() {
-                    vst1q_f32(p.add(4 * i), v);
-                }
-                return;
+                let v = self.0;
+                return vst1q_f32_x4(p, float32x4x4_t(v[0], v[1], v[2], v[3]));
             }
             let v = self.to_array();
             std::ptr::copy_nonoverlapping(v.as_ptr(), p, n);
@@ -107,20 +107,41 @@ impl Lanes for Neon {
     }
     #[inline(always)]
     fn even_odd(row: &[f32], first: isize) -> (Self, Self) {
-        let inside = usize::try_from(first)
-            .ok()
-            .filter(|&f| f + 2 * LANES <= row.len());
-        let Some(first) = inside else {
-            // At the row's ends: the portable lanes, zero outside.
-            let (e, o) = <[f32; LANES]>::even_odd(row, first);
-            return (Neon::from_array(&e), Neon::from_array(&o));
+        // The 32 floats from `first`, through a zeroed copy where some are outside `row` (at
+        // the ends of a row; for narrow maps, most vectors).
+        let (lo, hi) = (
+            (-first).clamp(0, 2 * LANES as isize),
+            (row.len() as isize - first).clamp(0, 2 * LANES as isize),
+        );
+        let mut copy = [0f32; 2 * LANES];
+        let (row, first) = if (lo, hi) == (0, 2 * LANES as isize) {
+            (row, first as usize)
+        } else {
+            if hi > lo {
+                let (lo, hi) = (lo as usize, hi as usize);
+                let from = (first + lo as isize) as usize;
+                copy[lo..hi].copy_from_slice(&row[from..from + hi - lo]);
+            }
+            (&copy[..], 0)
         };
+        assert!(first + 2 * LANES <= row.len());
         // SAFETY: NEON is part of aarch64; the 32 floats from `first` are inside `row`.
         unsafe {
             let p = row.as_ptr().add(first);
-            let r: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(p.add(4 * i)));
-            let even = [0, 2, 4, 6].map(|i| vuzp1q_f32(r[i], r[i + 1]));
-            let odd = [0, 2, 4, 6].map(|i| vuzp2q_f32(r[i], r[i + 1]));
+            // (Written out: `map` over indices stayed a call, with bounds checks.)
+            let r = [vld1q_f32_x4(p), vld1q_f32_x4(p.add(16))];
+            let even = [
+                vuzp1q_f32(r[0].0, r[0].1),
+                vuzp1q_f32(r[0].2, r[0].3),
+                vuzp1q_f32(r[1].0, r[1].1),
+                vuzp1q_f32(r[1].2, r[1].3),
+            ];
+            let odd = [
+                vuzp2q_f32(r[0].0, r[0].1),
+                vuzp2q_f32(r[0].2, r[0].3),
+                vuzp2q_f32(r[1].0, r[1].1),
+                vuzp2q_f32(r[1].2, r[1].3),
+            ];
             (Neon(even), Neon(odd))
         }
     }
