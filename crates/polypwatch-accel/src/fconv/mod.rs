@@ -41,12 +41,12 @@ use tract_onnx::tract_core::internal::*;
 use crate::im2col::Geometry;
 use crate::threads::SendPtr;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod rule;
 #[cfg(test)]
 mod tests;
 mod winograd;
-#[cfg(target_arch = "aarch64")]
-mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
