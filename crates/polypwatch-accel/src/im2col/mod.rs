@@ -176,8 +176,10 @@ impl Geometry {
     /// modulo the x stride, `[hp][c4][sx][wq][4]` (`wq = ceil(wp / sx)`): the layout in which
     /// one tap of four channels over 16 neighbouring output pixels is 64 neighbouring bytes,
     /// so a convolution can read it in place instead of through im2col. Channels past `c`
-    /// repeat the last one (their weights are zero).
-    pub(super) fn interleaved(&self, input: &[u8], pad: u8) -> Interleaved {
+    /// repeat the last one (their weights are zero). Every byte, image and padding alike, is
+    /// XORed with `flip`: a kernel that wants them in the other signedness gets them so in
+    /// the same pass (x86-64's kernels take them as they are: `flip` 0).
+    pub(super) fn interleaved(&self, input: &[u8], pad: u8, flip: u8) -> Interleaved {
         let hp = (self.oh - 1) * self.sy + (self.kh - 1) * self.dy + 1;
         let wp = (self.ow - 1) * self.sx + (self.kw - 1) * self.dx + 1;
         let (c4, sx) = (self.c.div_ceil(4), self.sx);
@@ -198,7 +200,7 @@ impl Geometry {
             for (yp, out) in rows.zip(part.chunks_exact_mut(row_len)) {
                 let y = yp as isize - self.pad_top;
                 if y < 0 || y >= self.h as isize {
-                    out.fill(pad);
+                    out.fill(pad ^ flip);
                     continue;
                 }
                 for g in 0..c4 {
@@ -210,8 +212,8 @@ impl Geometry {
                         let q_hi = x_hi.saturating_sub(phase).div_ceil(sx).clamp(q_lo, wq);
                         let line = (g * sx + phase) * wq;
                         let line = &mut out[line * 4..(line + wq) * 4];
-                        line[..q_lo * 4].fill(pad);
-                        line[q_hi * 4..].fill(pad);
+                        line[..q_lo * 4].fill(pad ^ flip);
+                        line[q_hi * 4..].fill(pad ^ flip);
                         if q_hi == q_lo {
                             continue;
                         }
@@ -220,9 +222,12 @@ impl Geometry {
                         let at = lines.map(|r| r * self.w + x0 as usize);
                         let dst = &mut line[q_lo * 4..q_hi * 4];
                         let n = q_hi - q_lo;
+                        #[cfg(not(target_arch = "aarch64"))]
                         let mut q = 0;
+                        #[cfg(target_arch = "aarch64")]
+                        let mut q = aarch64::interleave4x16(input, at, sx, n, flip, dst);
                         #[cfg(target_arch = "x86_64")]
-                        if vbmi {
+                        if vbmi && flip == 0 {
                             while q + 16 <= n {
                                 let a = at.map(|a| a + q * sx);
                                 if sx > 2 || a.iter().any(|&a| a + 16 * sx > input.len()) {
@@ -245,11 +250,14 @@ impl Geometry {
                                 }
                                 _ => break,
                             }
+                            if flip != 0 {
+                                dst[q * 4..q * 4 + 32].iter_mut().for_each(|b| *b ^= flip);
+                            }
                             q += 8;
                         }
                         for q in q..n {
                             for j in 0..4 {
-                                dst[q * 4 + j] = input[at[j] + q * sx];
+                                dst[q * 4 + j] = input[at[j] + q * sx] ^ flip;
                             }
                         }
                     }
@@ -474,16 +482,6 @@ impl Interleaved {
     /// Bytes from one group of four channels to the next, within a padded row.
     pub(super) fn group_stride(&self) -> usize {
         self.sx * self.wq * 4
-    }
-
-    /// XORs every byte (image and padding alike) with `k`: once here instead of at every read
-    /// of a kernel that wants the bytes in another signedness.
-    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    pub(super) fn xor(&mut self, k: u8) {
-        // A plain loop the compiler vectorises.
-        for b in self.data.as_bytes_mut() {
-            *b ^= k;
-        }
     }
 }
 

@@ -68,30 +68,33 @@ const GEOMETRIES: [(usize, usize, usize, usize, usize, usize, usize); 12] = [
     (9, 33, 35, 1, 1, 1, 0),
 ];
 
-/// Every tap of every pixel read from the interleaved layout is the im2col matrix's value,
-/// for x strides 1, 2 and 3, dilations, padding, channel counts that leave a partial group
-/// of four and widths that leave partial runs of eight.
+/// Every tap of every pixel read from the interleaved layout is the im2col matrix's value
+/// (XORed with the flip asked for, padding too), for x strides 1, 2 and 3, dilations,
+/// padding, channel counts that leave a partial group of four and widths that leave partial
+/// runs of eight and sixteen.
 #[test]
 fn interleaved_layout_holds_every_tap() {
     for (c, h, w, k, stride, dilation, pad) in GEOMETRIES {
         let geo = Geometry::new(&spec(k, stride, dilation, pad), &[1, c, h, w]).unwrap();
         let input: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 251) as u8 + 1).collect();
         let matrix = naive(&geo, &input, 0xEE);
-        let x = geo.interleaved(&input, 0xEE);
-        let taps = geo.interleaved_taps(&x);
-        for oy in 0..geo.oh {
-            for ox in 0..geo.ow {
-                let base = geo.interleaved_base(&x, oy, ox);
-                for ci in 0..c {
-                    for (t, &tap) in taps.iter().enumerate() {
-                        let at = base + tap + (ci / 4) * x.group_stride() + ci % 4;
-                        let want = matrix[(ci * taps.len() + t) * geo.n() + oy * geo.ow + ox];
-                        assert_eq!(
-                            x.bytes()[at],
-                            want,
-                            "{:?} pixel {oy},{ox} c {ci} tap {t}",
-                            (c, h, w, k, stride, dilation, pad)
-                        );
+        for flip in [0, 0x80, 0x5A] {
+            let x = geo.interleaved(&input, 0xEE, flip);
+            let taps = geo.interleaved_taps(&x);
+            for oy in 0..geo.oh {
+                for ox in 0..geo.ow {
+                    let base = geo.interleaved_base(&x, oy, ox);
+                    for ci in 0..c {
+                        for (t, &tap) in taps.iter().enumerate() {
+                            let at = base + tap + (ci / 4) * x.group_stride() + ci % 4;
+                            let want = matrix[(ci * taps.len() + t) * geo.n() + oy * geo.ow + ox];
+                            assert_eq!(
+                                x.bytes()[at],
+                                want ^ flip,
+                                "{:?} flip {flip:#x} pixel {oy},{ox} c {ci} tap {t}",
+                                (c, h, w, k, stride, dilation, pad)
+                            );
+                        }
                     }
                 }
             }

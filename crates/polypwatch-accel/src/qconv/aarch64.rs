@@ -8,8 +8,8 @@
 //! with the tile's starting sums ([`TileKernel::SIGNED`]): the same i32 sums, exact.
 //! A 16 x 16 tile is four quadrants of 8 channels x 8 pixels, 16 accumulator registers each;
 //! the inner loop over groups of four channels is assembly (the dot-product intrinsics are
-//! not stable Rust): two loads and 16 `sdot`s a group, two groups an iteration, the taps walked in the same
-//! assembly.
+//! not stable Rust): two loads and 16 `sdot`s a group, four groups an iteration (the
+//! remainder of one and two first), the taps walked in the same assembly.
 
 use super::*;
 use std::arch::aarch64::*;
@@ -148,7 +148,7 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
             }
             // SAFETY: every run and weight group is inside its slice (asserted above); for
             // each tap the loop reads `groups` runs of this quadrant's 32 bytes of each: one
-            // group first where their number is odd, then two at a time. (A tile whose taps
+            // group where their number is odd, two where bit 1 is set, then four at a time. (A tile whose taps
             // all read padding has only `extra`.)
             if !b.taps.is_empty() {
                 unsafe {
@@ -157,21 +157,34 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
                         "ldp {pb}, {pa}, [{tap}], #16",
                         "add {pb}, {xbase}, {pb}",
                         "add {pa}, {abase}, {pa}, lsl #6",
-                        "mov {n}, {groups}",
-                        "tbz {n}, #0, 3f",
+                        "tbz {groups}, #0, 3f",
                         "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
                         "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
                         group!("v16", "v17", "v18", "v19"),
                         "3:",
-                        "lsr {n}, {n}, #1",
-                        "cbz {n}, 4f",
-                        "2:",
+                        "tbz {groups}, #1, 6f",
                         "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
                         "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
                         "ld1 {{v20.16b, v21.16b}}, [{pb}], {stride}",
                         "ld1 {{v22.16b, v23.16b}}, [{pa}], {wstep}",
                         group!("v16", "v17", "v18", "v19"),
                         group!("v20", "v21", "v22", "v23"),
+                        "6:",
+                        "lsr {n}, {groups}, #2",
+                        "cbz {n}, 4f",
+                        "2:",
+                        "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
+                        "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
+                        "ld1 {{v20.16b, v21.16b}}, [{pb}], {stride}",
+                        "ld1 {{v22.16b, v23.16b}}, [{pa}], {wstep}",
+                        "ld1 {{v24.16b, v25.16b}}, [{pb}], {stride}",
+                        "ld1 {{v26.16b, v27.16b}}, [{pa}], {wstep}",
+                        "ld1 {{v28.16b, v29.16b}}, [{pb}], {stride}",
+                        "ld1 {{v30.16b, v31.16b}}, [{pa}], {wstep}",
+                        group!("v16", "v17", "v18", "v19"),
+                        group!("v20", "v21", "v22", "v23"),
+                        group!("v24", "v25", "v26", "v27"),
+                        group!("v28", "v29", "v30", "v31"),
                         "subs {n}, {n}, #1",
                         "b.ne 2b",
                         "4:",
@@ -211,6 +224,14 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
                         out("v21") _,
                         out("v22") _,
                         out("v23") _,
+                        out("v24") _,
+                        out("v25") _,
+                        out("v26") _,
+                        out("v27") _,
+                        out("v28") _,
+                        out("v29") _,
+                        out("v30") _,
+                        out("v31") _,
                         options(nostack, readonly),
                     );
                 }

@@ -368,13 +368,16 @@ impl QConv {
         let input = input.try_as_plain_ram()?;
         // Bytes either way: the kernel flips them to unsigned with `flip`.
         let x = input.as_bytes();
-        #[allow(unused_mut)]
-        let mut input = self.geo.interleaved(x, self.pad);
+        // `sdot` multiplies signed bytes: `(x ^ flip) - 128` is `x ^ flip ^ 0x80`.
         #[cfg(target_arch = "aarch64")]
-        if self.kernel == Kernel::Dot && self.flip != 0x80 {
-            // `sdot` multiplies signed bytes: `(x ^ flip) - 128` is `x ^ flip ^ 0x80`.
-            input.xor(self.flip ^ 0x80);
-        }
+        let flip = if self.kernel == Kernel::Dot {
+            self.flip ^ 0x80
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "aarch64"))]
+        let flip = 0;
+        let input = self.geo.interleaved(x, self.pad, flip);
         // SAFETY: `run_rows` writes every element (all rows, all channels).
         let mut out = unsafe { Tensor::uninitialized_dt(self.stored_dt(), &self.out_shape)? };
         let residual = match (self.residual_relu, residual) {
