@@ -12,6 +12,9 @@
 #   PRECISIONS="f32 int8"  polypwatch's files to count (default both)
 #   RUNTIMES="polypwatch onnxruntime"  which runtimes run them (default both: a kernel change
 #                  needs only polypwatch's side counted again)
+#   CAPTURE="yuyv:1920x1080 mjpeg:1920x1080"  also count the capture thread's work per camera
+#                  frame of these formats and sizes (examples/count_capture.rs: conversion or
+#                  JPEG decode, the model's resize and normalisation, the blank check); "" skips
 #   ORT_QDQ=1      also count ONNX Runtime on its own static QDQ int8 quantization of the f32
 #                  file (bench/ort_bench.py's, made on this host in target/bench-venv, as
 #                  bench/compare.sh makes it); 0 skips it
@@ -45,6 +48,7 @@ TOP=${TOP:-12}
 ORT_QDQ=${ORT_QDQ:-1}
 PRECISIONS=${PRECISIONS:-f32 int8}
 RUNTIMES=${RUNTIMES:-polypwatch onnxruntime}
+CAPTURE=${CAPTURE-yuyv:1920x1080 mjpeg:1920x1080}
 out=$root/target/aarch64-bench
 mkdir -p "$out"
 target=aarch64-unknown-linux-gnu
@@ -73,10 +77,11 @@ cross_env=(
   AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 )
 env "${cross_env[@]}" nice -n 10 /usr/bin/cargo build --release --target $target \
-  -p polypwatch --example count_runs
+  -p polypwatch --example count_runs --example count_capture
 (cd bench/aarch64/ort-driver &&
   env "${cross_env[@]}" nice -n 10 /usr/bin/cargo build --release --target $target --locked)
 count_runs=$out/$target/release/examples/count_runs
+count_capture=$out/$target/release/examples/count_capture
 ort_driver=$out/$target/release/ort-driver
 
 stamp "TCG plugin against qemu-plugin.h of Debian's qemu $(dpkg-query -W -f='${source:Version}' qemu-user)"
@@ -211,10 +216,20 @@ for t in $THREADS; do
     fi
   done
 done
+# The capture thread's work per camera frame (once: it runs on one thread whatever THREADS).
+mkdir -p "$runs_dir/capture"
+for fs in $CAPTURE; do
+  for n in "$RUNS" 0; do
+    jobs_list+=("capture ${fs%%:*}${fs#*:} 1 $n 1")
+  done
+done
 run_one() { # runtime precision threads runs rep
   local c="$runs_dir/$1-$2-t$3-n$4-r$5.counts"
+  [ "$1" = capture ] && c="$runs_dir/capture/$1-$2-t$3-n$4-r$5.counts"
   if [ "$1" = polypwatch ]; then
     count "$c" "$count_runs" "$(manifest "$2")" "$frame" "$WARMUP" "$4" "$3"
+  elif [ "$1" = capture ]; then # precision: FORMATWIDTHxHEIGHT
+    count "$c" "$count_capture" "$(manifest int8)" "$frame" "${2%%[0-9]*}" "${2#"${2%%[0-9]*}"}" "$WARMUP" "$4"
   else
     count "$c" "$ort_driver" "$ort_lib" "$(onnx "$2")" "$input" "$WARMUP" "$4" "$3"
   fi >"${c%.counts}.log" 2>&1 || {
@@ -238,3 +253,7 @@ for p in "${pids[@]}"; do wait "$p" || fail=1; done
 stamp "table"
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo '+dirty'), $(date -u +%Y-%m-%d), qemu $(qemu-aarch64 --version | head -1 | cut -d' ' -f3) -cpu cortex-a76, onnxruntime $ORT_VERSION, model $(grep -m1 '^version' "$(manifest f32)" | cut -d'"' -f2)"
 python3 bench/aarch64/table.py "$runs_dir" "$RUNS" "$TOP" "$count_runs"
+if [ -n "$CAPTURE" ]; then
+  echo
+  python3 bench/aarch64/table.py "$runs_dir/capture" "$RUNS" "$TOP" "$count_capture"
+fi

@@ -115,7 +115,7 @@ def main():
     for (rt, p, t, n, rep), f in files.items():
         if n != runs or (rt, p, t, 0, rep) not in files:
             continue
-        table = nm if rt == "polypwatch" else None
+        table = nm if rt in ("polypwatch", "capture") else None
         a, b = load(f, table), load(files[(rt, p, t, 0, rep)], table)
         total = (a[0] - b[0]) / runs
         mnem = {k: (a[1][k] - b[1].get(k, 0)) / runs for k in a[1]}
@@ -134,11 +134,22 @@ def main():
         again = f"; {len(reps)} repeats within {100 * spread:.3f} %" if len(reps) > 1 else ""
         return total, f"{total / 1e6:.1f} M ({kinds}{again})"
 
-    print(f"instructions per inference: (count of {runs} + warm-up runs - count of warm-up runs) / {runs}")
-    print()
-    print("| threads | precision | polypwatch | ONNX Runtime | ratio |")
-    print("| --- | --- | --- | --- | --- |")
-    for t in sorted({k[2] for k in per}):
+    if all(k[0] == "capture" for k in per):
+        # bench/aarch64.sh's CAPTURE counts: the capture thread's work per frame.
+        print(f"instructions per frame on the capture thread: (count of {runs} + warm-up passes - count of warm-up passes) / {runs}")
+        print()
+        print("| camera frame | instructions | of which in the top symbols below |")
+        print("| --- | --- | --- |")
+        for (rt, p, t, rep), (total, _, sym) in sorted(per.items()):
+            if rep == 1:
+                head = sum(sorted(sym.values(), reverse=True)[:3])
+                print(f"| {p} | {total / 1e6:.1f} M | {head / 1e6:.1f} M in 3 symbols |")
+    else:
+        print(f"instructions per inference: (count of {runs} + warm-up runs - count of warm-up runs) / {runs}")
+        print()
+        print("| threads | precision | polypwatch | ONNX Runtime | ratio |")
+        print("| --- | --- | --- | --- | --- |")
+    for t in sorted({k[2] for k in per if k[0] != "capture"}):
         for p, q, label in [("f32", "f32", "f32"), ("int8", "int8", "int8"),
                             ("int8", "qdq", "int8, ONNX Runtime on its own QDQ file")]:
             a, ca = cell("polypwatch", p, t)
@@ -154,7 +165,7 @@ def main():
         kinds = sorted(mnem.items(), key=lambda kv: -kv[1])[:8]
         print(f"\n{rt} {p}, {t} threads: top mnemonics per inference: "
               + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in kinds))
-        if rt != "polypwatch":
+        if rt not in ("polypwatch", "capture"):
             continue
         print("top symbols per inference:")
         for k, v in sorted(sym.items(), key=lambda kv: -kv[1])[:top]:
