@@ -134,7 +134,7 @@ def main():
         again = f"; {len(reps)} repeats within {100 * spread:.3f} %" if len(reps) > 1 else ""
         return total, f"{total / 1e6:.1f} M ({kinds}{again})"
 
-    if all(k[0] == "capture" for k in per):
+    if per and all(k[0] == "capture" for k in per):
         # bench/aarch64.sh's CAPTURE counts: the capture thread's work per frame.
         print(f"instructions per frame on the capture thread: (count of {runs} + warm-up passes - count of warm-up passes) / {runs}")
         print()

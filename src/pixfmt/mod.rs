@@ -6,6 +6,9 @@
 
 use image::RgbImage;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+
 /// The formats the V4L2 source accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -183,7 +186,11 @@ pub fn convert(
                 }
             }
             PixelFormat::Yuyv => {
-                for x in 0..w {
+                #[cfg(target_arch = "aarch64")]
+                let done = aarch64::yuyv(line, o, w);
+                #[cfg(not(target_arch = "aarch64"))]
+                let done = 0;
+                for x in done..w {
                     let quad = &line[(x / 2) * 4..(x / 2) * 4 + 4];
                     let y = quad[(x % 2) * 2];
                     o[x * 3..x * 3 + 3].copy_from_slice(&yuv_to_rgb(y, quad[1], quad[3]));
@@ -191,7 +198,11 @@ pub fn convert(
             }
             PixelFormat::Nv12 => {
                 let uv = &src[h * stride + (row / 2) * stride..];
-                for x in 0..w {
+                #[cfg(target_arch = "aarch64")]
+                let done = aarch64::nv12(&line[..w], uv, o, w);
+                #[cfg(not(target_arch = "aarch64"))]
+                let done = 0;
+                for x in done..w {
                     let (u, v) = (uv[(x / 2) * 2], uv[(x / 2) * 2 + 1]);
                     o[x * 3..x * 3 + 3].copy_from_slice(&yuv_to_rgb(line[x], u, v));
                 }
@@ -312,6 +323,72 @@ mod tests {
         );
         let err = convert(PixelFormat::Rgb24, &[0; 100], 4, 2, 8, &mut dst).unwrap_err();
         assert!(matches!(err, ConvertError::Stride { .. }), "{err}");
+    }
+
+    /// Every YUYV and NV12 byte pattern converts to `yuv_to_rgb`'s pixels, at widths that
+    /// leave no, some and most pixels to the scalar tail of the vector loop (aarch64).
+    #[test]
+    fn conversions_are_yuv_to_rgb_of_every_pixel() {
+        let mut seed = 0x9e37_79b9_u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as u8
+        };
+        for (w, h) in [(16, 2), (37, 3), (64, 2), (15, 2), (50, 5)] {
+            // Extremes first (clamping both ways), then random bytes.
+            let n = 4 * w * h;
+            let src: Vec<u8> = (0..n)
+                .map(|i| match i % 97 {
+                    0..=7 => [0, 255, 16, 235, 128, 1, 254, 240][i % 8],
+                    _ => next(),
+                })
+                .collect();
+            let mut dst = RgbImage::new(1, 1);
+            let stride = PixelFormat::Yuyv.min_stride(w as u32) + 4;
+            convert(
+                PixelFormat::Yuyv,
+                &src,
+                w as u32,
+                h as u32,
+                stride,
+                &mut dst,
+            )
+            .unwrap();
+            for y in 0..h {
+                for x in 0..w {
+                    let q = &src[y * stride + (x / 2) * 4..];
+                    let want = yuv_to_rgb(q[(x % 2) * 2], q[1], q[3]);
+                    assert_eq!(
+                        dst.get_pixel(x as u32, y as u32).0,
+                        want,
+                        "YUYV {w}x{h} {x},{y}"
+                    );
+                }
+            }
+            let stride = w + 3;
+            convert(
+                PixelFormat::Nv12,
+                &src,
+                w as u32,
+                h as u32,
+                stride,
+                &mut dst,
+            )
+            .unwrap();
+            for y in 0..h {
+                for x in 0..w {
+                    let uv = &src[h * stride + (y / 2) * stride + (x / 2) * 2..];
+                    let want = yuv_to_rgb(src[y * stride + x], uv[0], uv[1]);
+                    assert_eq!(
+                        dst.get_pixel(x as u32, y as u32).0,
+                        want,
+                        "NV12 {w}x{h} {x},{y}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
