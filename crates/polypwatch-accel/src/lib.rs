@@ -3,9 +3,10 @@
 //! API.
 //!
 //! They exist because tract spent most of a frame in a few generic operators: the int8
-//! convolutions, now on our own kernel where the CPU has AVX-512 VNNI ([`qconv`]) and through a
-//! faster im2col elsewhere ([`im2col`]); the float convolutions, on our own AVX-512 kernel,
-//! direct or by Winograd's algorithm ([`fconv`]); max pooling and dequantization ([`pool`]);
+//! convolutions, now on our own kernel where the CPU has AVX-512 VNNI or the Armv8.2 dot
+//! product ([`qconv`]) and through a faster im2col elsewhere ([`im2col`]); the float
+//! convolutions, on our own AVX-512 or NEON kernel, direct or by Winograd's algorithm
+//! ([`fconv`]); max pooling and dequantization ([`pool`]);
 //! float-to-u8 quantization, alone or of a concatenation ([`quantize`]); bilinear upsampling
 //! ([`resize`]) and the float convolutions' padding ([`pad`]). Each gives tract's output to the
 //! bit, checked against the operators it replaces on the shipped models, but [`fconv`], whose

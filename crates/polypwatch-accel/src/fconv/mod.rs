@@ -1,4 +1,5 @@
-//! Float convolutions on polypwatch's own direct kernel (AVX-512 FMA).
+//! Float convolutions on polypwatch's own direct kernel (AVX-512 FMA on x86-64, NEON on
+//! aarch64).
 //!
 //! tract runs an f32 convolution as its matrix product over a lazy im2col (the product gathers
 //! each patch column as it packs it) and the ReLU and residual addition after it as separate
@@ -23,14 +24,15 @@
 //! again (BENCHMARKS.md).
 //!
 //! This is a rewrite of the decluttered model ([`fuse`]), before tract's optimiser lowers
-//! convolutions to matrix products. It is only applied where the CPU has AVX-512 F; the
-//! portable kernel beside it computes the same fused multiply-adds in the same order, so that
-//! the layout, tap skipping and epilogue are tested on any CPU (aarch64 under qemu in CI).
+//! convolutions to matrix products. It is applied where the CPU has AVX-512 F or NEON (every
+//! aarch64 CPU); the portable kernel beside it computes the same fused multiply-adds in the
+//! same order, so that the layout, tap skipping and epilogue are tested on any CPU, and both
+//! fast kernels are compared with it to the bit (the NEON one under qemu in CI).
 //!
 //! Here: the operator, its portable kernel and the padded layout; `rule` matches tract's
-//! convolutions and builds the [`FConv`]; `x86_64` holds the AVX-512 kernel; `winograd` the
-//! F(2x2, 3x3) path (its AVX-512 lanes in `winograd/x86_64.rs`); `tests` checks them against
-//! tract.
+//! convolutions and builds the [`FConv`]; `x86_64` holds the AVX-512 kernel, `aarch64` the
+//! NEON one; `winograd` the F(2x2, 3x3) path (its vector lanes in `winograd/x86_64.rs` and
+//! `winograd/aarch64.rs`); `tests` checks them against tract.
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -54,7 +56,7 @@ pub use rule::fuse;
 
 /// Output channels per tile.
 const MR: usize = 8;
-/// Pixels per vector: one 512-bit register of f32 lanes.
+/// Pixels per vector: one 512-bit register of f32 lanes (four NEON registers).
 const LANES: usize = 16;
 /// Vectors of `LANES` pixels per tile.
 const NV: usize = 3;
