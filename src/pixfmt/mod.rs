@@ -345,49 +345,27 @@ mod tests {
                     _ => next(),
                 })
                 .collect();
-            let mut dst = RgbImage::new(1, 1);
+            // Every pixel of `src` converted as `format` with `stride` is `want(x, y)`'s.
+            let check =
+                |format: PixelFormat, stride: usize, want: &dyn Fn(usize, usize) -> [u8; 3]| {
+                    let mut dst = RgbImage::new(1, 1);
+                    convert(format, &src, w as u32, h as u32, stride, &mut dst).unwrap();
+                    assert_eq!(dst.dimensions(), (w as u32, h as u32));
+                    for (x, y, px) in dst.enumerate_pixels() {
+                        let (x, y) = (x as usize, y as usize);
+                        assert_eq!(px.0, want(x, y), "{format} {w}x{h} {x},{y}");
+                    }
+                };
             let stride = PixelFormat::Yuyv.min_stride(w as u32) + 4;
-            convert(
-                PixelFormat::Yuyv,
-                &src,
-                w as u32,
-                h as u32,
-                stride,
-                &mut dst,
-            )
-            .unwrap();
-            for y in 0..h {
-                for x in 0..w {
-                    let q = &src[y * stride + (x / 2) * 4..];
-                    let want = yuv_to_rgb(q[(x % 2) * 2], q[1], q[3]);
-                    assert_eq!(
-                        dst.get_pixel(x as u32, y as u32).0,
-                        want,
-                        "YUYV {w}x{h} {x},{y}"
-                    );
-                }
-            }
+            check(PixelFormat::Yuyv, stride, &|x, y| {
+                let q = &src[y * stride + (x / 2) * 4..];
+                yuv_to_rgb(q[(x % 2) * 2], q[1], q[3])
+            });
             let stride = w + 3;
-            convert(
-                PixelFormat::Nv12,
-                &src,
-                w as u32,
-                h as u32,
-                stride,
-                &mut dst,
-            )
-            .unwrap();
-            for y in 0..h {
-                for x in 0..w {
-                    let uv = &src[h * stride + (y / 2) * stride + (x / 2) * 2..];
-                    let want = yuv_to_rgb(src[y * stride + x], uv[0], uv[1]);
-                    assert_eq!(
-                        dst.get_pixel(x as u32, y as u32).0,
-                        want,
-                        "NV12 {w}x{h} {x},{y}"
-                    );
-                }
-            }
+            check(PixelFormat::Nv12, stride, &|x, y| {
+                let uv = &src[h * stride + (y / 2) * stride + (x / 2) * 2..];
+                yuv_to_rgb(src[y * stride + x], uv[0], uv[1])
+            });
         }
     }
 
