@@ -82,6 +82,18 @@ impl std::fmt::Display for PixelFormat {
     }
 }
 
+impl std::str::FromStr for PixelFormat {
+    type Err = String;
+
+    /// The configuration's name (`mjpeg`, `yuyv`, `nv12`, `rgb24`, `bgr24`): the same words
+    /// as `[camera] format`, through the same serde names.
+    fn from_str(name: &str) -> Result<Self, String> {
+        use serde::Deserialize;
+        let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name);
+        PixelFormat::deserialize(de).map_err(|e| format!("pixel format {name:?}: {e}"))
+    }
+}
+
 /// Why a buffer could not be converted.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConvertError {
@@ -375,5 +387,18 @@ mod tests {
             assert_eq!(PixelFormat::from_fourcc(f.fourcc()), Some(f));
         }
         assert_eq!(PixelFormat::from_fourcc(*b"H264"), None);
+    }
+
+    #[test]
+    fn names_parse_as_the_config_spells_them() {
+        for (name, f) in [("mjpeg", PixelFormat::Mjpeg), ("yuyv", PixelFormat::Yuyv)] {
+            assert_eq!(name.parse::<PixelFormat>(), Ok(f));
+        }
+        for f in PixelFormat::ALL {
+            let name = toml::Value::try_from(f).unwrap();
+            assert_eq!(name.as_str().unwrap().parse::<PixelFormat>(), Ok(f));
+        }
+        let e = "h264".parse::<PixelFormat>().unwrap_err();
+        assert!(e.contains("\"h264\"") && e.contains("yuyv"), "{e}");
     }
 }

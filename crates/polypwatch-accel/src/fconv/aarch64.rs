@@ -195,6 +195,17 @@ pub(super) unsafe fn tile(job: &Job, bias: &[f32], store: &Store) {
     }
 }
 
+/// `if y > 0 { y } else { 0 }` on four lanes, as the portable kernel (NaN gives 0 too); the
+/// Winograd lanes use it as well.
+#[inline(always)]
+pub(super) fn relu(y: float32x4_t) -> float32x4_t {
+    // SAFETY: NEON is part of aarch64.
+    unsafe {
+        let positive = vcgtq_f32(y, vdupq_n_f32(0.0));
+        vreinterpretq_f32_u32(vandq_u32(positive, vreinterpretq_u32_f32(y)))
+    }
+}
+
 /// Residual, ReLU and store of one pass's columns (`(input, output, pixels)`).
 ///
 /// # Safety
@@ -203,11 +214,6 @@ pub(super) unsafe fn tile(job: &Job, bias: &[f32], store: &Store) {
 unsafe fn finish(a: &[[float32x4_t; COLS]; MR], cols: &[(usize, usize, usize)], store: &Store) {
     // SAFETY: NEON is part of aarch64; every read and write is one of the tile's pixels.
     unsafe {
-        let relu = |y: float32x4_t| {
-            // `if y > 0 { y } else { 0 }`, as the portable kernel (NaN too).
-            let positive = vcgtq_f32(y, vdupq_n_f32(0.0));
-            vreinterpretq_f32_u32(vandq_u32(positive, vreinterpretq_u32_f32(y)))
-        };
         // Three whole neighbouring columns (every Winograd product, the inside of a map):
         // one store a channel.
         if let [(_, at, Q), (_, a1, Q), (_, a2, Q)] = *cols

@@ -82,6 +82,9 @@ pub struct QConv {
     /// `sum_c w[m][c][t]` for every channel `m` and tap `t`: what a tap that reads only
     /// padding adds, times the padding's unsigned value; such taps are skipped.
     tap_sums: Vec<i32>,
+    /// `sum_t tap_sums[m][t]` (wrapping): what a signed kernel's `x - 128` takes from channel
+    /// `m`, over 128.
+    row_sums: Vec<i32>,
     /// Added to every product of channel `m` before `steps`: `-128 * sum_k w[m][k]` (the
     /// kernel multiplies `x + 128`, unsigned, by the weights), plus tract's leading additive
     /// steps (bias, zero-point correction), folded in (i32 wrapping sums commute).
@@ -230,14 +233,6 @@ impl QConv {
         } else {
             (pad, 0)
         };
-        let row_sums: Vec<i32> = if K::SIGNED {
-            self.tap_sums
-                .chunks_exact(kh * kw)
-                .map(|t| t.iter().fold(0i32, |a, &v| a.wrapping_add(v)))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let mut live: Vec<[usize; 2]> = Vec::with_capacity(offsets.len());
         let mut dead: Vec<usize> = Vec::with_capacity(offsets.len());
         for oy in rows {
@@ -271,7 +266,7 @@ impl QConv {
                             .sum::<i32>()
                             .wrapping_mul(dead_mul);
                         if K::SIGNED {
-                            *e = e.wrapping_add(row_sums[m0 + i].wrapping_mul(all_mul));
+                            *e = e.wrapping_add(self.row_sums[m0 + i].wrapping_mul(all_mul));
                         }
                     }
                     // SAFETY: the tile (m0.., oy * ow + ox..) is this row's.

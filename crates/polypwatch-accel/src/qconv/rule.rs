@@ -333,6 +333,10 @@ impl QConv {
                 tap_sums[mi * taps + ki % taps] += v as i32;
             }
         }
+        let row_sums = tap_sums
+            .chunks_exact(taps)
+            .map(|t| t.iter().fold(0i32, |a, &v| a.wrapping_add(v)))
+            .collect();
         let mut offset: Vec<i32> = correction.iter().map(|c| c.wrapping_neg()).collect();
         let mut steps = steps;
         let additive = steps
@@ -366,6 +370,7 @@ impl QConv {
             groups,
             weights: Arc::new(weights),
             tap_sums,
+            row_sums,
             offset,
             steps,
             requant,

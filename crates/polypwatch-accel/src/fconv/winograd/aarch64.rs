@@ -78,11 +78,7 @@ impl Lanes for Neon {
     }
     #[inline(always)]
     fn relu(self) -> Self {
-        // SAFETY: NEON is part of aarch64. The lanes where `x > 0`, zero elsewhere (NaN too).
-        self.map(|x| unsafe {
-            let positive = vcgtq_f32(x, vdupq_n_f32(0.0));
-            vreinterpretq_f32_u32(vandq_u32(positive, vreinterpretq_u32_f32(x)))
-        })
+        self.map(crate::fconv::aarch64::relu)
     }
     #[inline(always)]
     unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self {
