@@ -76,6 +76,8 @@ cross_env=(
   CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
   AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 )
+# What the table names: the tree as built, not HEAD when the (long) runs end.
+built="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo '+dirty')"
 env "${cross_env[@]}" nice -n 10 /usr/bin/cargo build --release --target $target \
   -p polypwatch --example count_runs --example count_capture
 (cd bench/aarch64/ort-driver &&
@@ -251,9 +253,11 @@ for p in "${pids[@]}"; do wait "$p" || fail=1; done
 [ "$fail" = 0 ] || { echo "a qemu run failed (logs in $runs_dir)" >&2; exit 1; }
 
 stamp "table"
-echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo '+dirty'), $(date -u +%Y-%m-%d), qemu $(qemu-aarch64 --version | head -1 | cut -d' ' -f3) -cpu cortex-a76, onnxruntime $ORT_VERSION, model $(grep -m1 '^version' "$(manifest f32)" | cut -d'"' -f2)"
-python3 bench/aarch64/table.py "$runs_dir" "$RUNS" "$TOP" "$count_runs"
-if [ -n "$CAPTURE" ]; then
+echo "commit $built, $(date -u +%Y-%m-%d), qemu $(qemu-aarch64 --version | head -1 | cut -d' ' -f3) -cpu cortex-a76, onnxruntime $ORT_VERSION, model $(grep -m1 '^version' "$(manifest f32)" | cut -d'"' -f2)"
+if [ -n "${PRECISIONS// /}" ] && [ -n "${RUNTIMES// /}" ]; then
+  python3 bench/aarch64/table.py "$runs_dir" "$RUNS" "$TOP" "$count_runs"
   echo
+fi
+if [ -n "${CAPTURE// /}" ]; then
   python3 bench/aarch64/table.py "$runs_dir/capture" "$RUNS" "$TOP" "$count_capture"
 fi
