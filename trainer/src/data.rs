@@ -228,6 +228,14 @@ pub fn write_names(path: &Path, samples: &[Sample]) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Polyp draws an epoch: `round(n w)` per group.
+fn draws(groups: &[(std::ops::Range<usize>, f64)]) -> usize {
+    groups
+        .iter()
+        .map(|(r, w)| (r.len() as f64 * w).round() as usize)
+        .sum()
+}
+
 /// Draws the batches of an epoch: polyp images by their source's weight, and
 /// `negative_share` of every batch from the polyp-free images.
 ///
@@ -255,19 +263,19 @@ impl Sampler {
         } else {
             ((batch as f64 * negative_share).round() as usize).clamp(1, batch - 1)
         };
+        let draws = draws(&groups);
         Sampler {
             groups,
             negatives,
-            pos_per_batch: batch - neg_per_batch,
+            // Fewer polyp draws than a batch holds (a `--max-images` smoke run) still makes
+            // one smaller batch, not an epoch of none.
+            pos_per_batch: (batch - neg_per_batch).min(draws).max(1),
             neg_per_batch,
         }
     }
 
     fn draws(&self) -> usize {
-        self.groups
-            .iter()
-            .map(|(r, w)| (r.len() as f64 * w).round() as usize)
-            .sum()
+        draws(&self.groups)
     }
 
     /// Batches per epoch (the same every epoch, so the schedule is fixed).
@@ -518,6 +526,20 @@ mod tests {
         let mut firsts = negs[..6].to_vec();
         firsts.sort();
         assert_eq!(firsts, (20..26).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn fewer_polyp_images_than_a_batch_still_make_a_step() {
+        // A smoke run: 4 polyp images, batches of 8 with 2 polyp-free frames.
+        let s = Sampler::new(vec![(0..4, 1.0)], 4..10, 8, 0.25);
+        assert_eq!(s.steps_per_epoch(), 1);
+        let batches = s.epoch(&mut StdRng::seed_from_u64(3));
+        assert_eq!(batches.len(), 1);
+        let mut polyps = batches[0][..4].to_vec();
+        polyps.sort();
+        assert_eq!(polyps, vec![0, 1, 2, 3]);
+        assert!(batches[0][4..].iter().all(|i| (4..10).contains(i)));
+        assert_eq!(batches[0].len(), 6);
     }
 
     #[test]

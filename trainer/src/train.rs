@@ -228,6 +228,10 @@ pub fn validate(
     let (mut negatives, mut quiet) = (0usize, 0usize);
     let mut per_source = String::new();
     for (source, items) in sets {
+        if items.is_empty() {
+            // Nothing to score (a small smoke run's crops): no "spec 0.000" in the log.
+            continue;
+        }
         let logits = predict_logits(model, items, recipe, device);
         let mut acc = Accumulator::default();
         let mut q = 0;
