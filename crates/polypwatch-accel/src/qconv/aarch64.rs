@@ -8,8 +8,9 @@
 //! with the tile's starting sums ([`TileKernel::SIGNED`]): the same i32 sums, exact.
 //! A 16 x 16 tile is four quadrants of 8 channels x 8 pixels, 16 accumulator registers each;
 //! the inner loop over groups of four channels is assembly (the dot-product intrinsics are
-//! not stable Rust): two loads and 16 `sdot`s a group, four groups an iteration (the
-//! remainder of one and two first), the taps walked in the same assembly.
+//! not stable Rust): 16 `sdot`s a group, four groups an iteration (the remainder of one and
+//! two first), the taps walked in the same assembly. A quadrant's weights for two groups are
+//! contiguous ([`Kernel::weight_at`]), so four groups take six loads, not eight.
 
 use super::*;
 use std::arch::aarch64::*;
@@ -135,8 +136,9 @@ macro_rules! group {
 unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
     // `fits` also asserts `groups > 0`.
     assert!(b.fits(a.len()));
-    // `ta * MR * 4` is `ta << 6` in the loop.
-    const _: () = assert!(MR * 4 == 64);
+    // A quadrant's weights are `groups x 8 x 4` bytes from `h * a.len() / 2`
+    // ([`Kernel::weight_at`]): tap `ta` starts `ta << 5` bytes in.
+    const _: () = assert!(MR == 16);
     let mut acc = [[0i32; NR]; MR];
     for h in 0..2 {
         for v in 0..2 {
@@ -146,45 +148,43 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
                 pair[0] = e;
                 pair[1] = e;
             }
-            // SAFETY: every run and weight group is inside its slice (asserted above); for
-            // each tap the loop reads `groups` runs of this quadrant's 32 bytes of each: one
-            // group where their number is odd, two where bit 1 is set, then four at a time. (A tile whose taps
-            // all read padding has only `extra`.)
+            // SAFETY: every run and weight group is inside its slice (asserted above: the
+            // half of `a` quadrant `h` reads holds `ta + groups` groups of 32 bytes); for each
+            // tap the loop reads `groups` runs of this quadrant's 32 bytes of each: one group
+            // where their number is odd, two where bit 1 is set, then four at a time. (A tile
+            // whose taps all read padding has only `extra`.)
             if !b.taps.is_empty() {
                 unsafe {
                     asm!(
                         "5:",
                         "ldp {pb}, {pa}, [{tap}], #16",
                         "add {pb}, {xbase}, {pb}",
-                        "add {pa}, {abase}, {pa}, lsl #6",
+                        "add {pa}, {abase}, {pa}, lsl #5",
                         "tbz {groups}, #0, 3f",
                         "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
-                        "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
-                        group!("v16", "v17", "v18", "v19"),
+                        "ld1 {{v24.16b, v25.16b}}, [{pa}], #32",
+                        group!("v16", "v17", "v24", "v25"),
                         "3:",
                         "tbz {groups}, #1, 6f",
                         "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
-                        "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
-                        "ld1 {{v20.16b, v21.16b}}, [{pb}], {stride}",
-                        "ld1 {{v22.16b, v23.16b}}, [{pa}], {wstep}",
-                        group!("v16", "v17", "v18", "v19"),
-                        group!("v20", "v21", "v22", "v23"),
+                        "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{pa}], #64",
+                        "ld1 {{v18.16b, v19.16b}}, [{pb}], {stride}",
+                        group!("v16", "v17", "v24", "v25"),
+                        group!("v18", "v19", "v26", "v27"),
                         "6:",
                         "lsr {n}, {groups}, #2",
                         "cbz {n}, 4f",
                         "2:",
                         "ld1 {{v16.16b, v17.16b}}, [{pb}], {stride}",
-                        "ld1 {{v18.16b, v19.16b}}, [{pa}], {wstep}",
+                        "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{pa}], #64",
+                        "ld1 {{v18.16b, v19.16b}}, [{pb}], {stride}",
                         "ld1 {{v20.16b, v21.16b}}, [{pb}], {stride}",
-                        "ld1 {{v22.16b, v23.16b}}, [{pa}], {wstep}",
-                        "ld1 {{v24.16b, v25.16b}}, [{pb}], {stride}",
-                        "ld1 {{v26.16b, v27.16b}}, [{pa}], {wstep}",
-                        "ld1 {{v28.16b, v29.16b}}, [{pb}], {stride}",
-                        "ld1 {{v30.16b, v31.16b}}, [{pa}], {wstep}",
-                        group!("v16", "v17", "v18", "v19"),
-                        group!("v20", "v21", "v22", "v23"),
-                        group!("v24", "v25", "v26", "v27"),
-                        group!("v28", "v29", "v30", "v31"),
+                        "ld1 {{v28.16b, v29.16b, v30.16b, v31.16b}}, [{pa}], #64",
+                        "ld1 {{v22.16b, v23.16b}}, [{pb}], {stride}",
+                        group!("v16", "v17", "v24", "v25"),
+                        group!("v18", "v19", "v26", "v27"),
+                        group!("v20", "v21", "v28", "v29"),
+                        group!("v22", "v23", "v30", "v31"),
                         "subs {n}, {n}, #1",
                         "b.ne 2b",
                         "4:",
@@ -193,13 +193,12 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
                         tap = inout(reg) b.taps.as_ptr() => _,
                         taps = inout(reg) b.taps.len() => _,
                         xbase = in(reg) b.data.as_ptr().add(b.base + 32 * v),
-                        abase = in(reg) a.as_ptr().add(32 * h),
+                        abase = in(reg) a.as_ptr().add(h * a.len() / 2),
                         groups = in(reg) b.groups,
                         pb = out(reg) _,
                         pa = out(reg) _,
                         n = out(reg) _,
                         stride = in(reg) b.stride,
-                        wstep = in(reg) MR * 4,
                         inout("v0") c[0],
                         inout("v1") c[1],
                         inout("v2") c[2],

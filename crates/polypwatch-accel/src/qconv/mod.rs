@@ -76,8 +76,9 @@ pub struct QConv {
     k: usize,
     /// Groups of four products per output: taps times groups of four channels.
     groups: usize,
-    /// Weights as `MR`-channel panels of `groups x MR x 4` bytes, tap-major, then channel;
-    /// rows past `m` and channels past the input's zero.
+    /// Weights as `MR`-channel panels of `groups x MR x 4` bytes, groups tap-major, then
+    /// channel, laid out in a panel as [`Kernel::weight_at`] says; rows past `m` and channels
+    /// past the input's zero.
     weights: Arc<Vec<u8>>,
     /// `sum_c w[m][c][t]` for every channel `m` and tap `t`: what a tap that reads only
     /// padding adds, times the padding's unsigned value; such taps are skipped.
@@ -448,6 +449,18 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Where weight byte `byte` of group `group` (of `groups`) of panel row `row` lies in its
+    /// panel. Row-major groups of `MR x 4` bytes, except for `Dot`: two halves of 8 rows, each
+    /// `groups x 8 x 4` bytes, so that two neighbouring groups of a quadrant are one 64-byte
+    /// load.
+    pub(crate) fn weight_at(self, groups: usize, group: usize, row: usize, byte: usize) -> usize {
+        match self {
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Dot => ((row / 8 * groups + group) * 8 + row % 8) * 4 + byte,
+            _ => (group * MR + row) * 4 + byte,
+        }
+    }
+
     /// A kernel faster than tract's on this CPU, if there is one.
     pub fn fast() -> Option<Kernel> {
         #[cfg(target_arch = "x86_64")]

@@ -316,10 +316,11 @@ impl QConv {
         let (taps, c) = (geo.taps(), geo.channels());
         let c4 = c.div_ceil(4);
         let groups = taps * c4;
-        // Where product `ki` (tract's order: channel, then tap) goes in a panel.
-        let place = |ki: usize| {
+        // Where product `ki` (tract's order: channel, then tap) of channel `mi` goes in its
+        // panel.
+        let place = |mi: usize, ki: usize| {
             let (ci, t) = (ki / taps, ki % taps);
-            (t * c4 + ci / 4) * MR * 4 + ci % 4
+            kernel.weight_at(groups, t * c4 + ci / 4, mi % MR, ci % 4)
         };
         let mut weights = vec![0u8; m.div_ceil(MR) * groups * MR * 4];
         let mut correction = vec![0i32; m];
@@ -328,7 +329,7 @@ impl QConv {
             let panel = (mi / MR) * groups * MR * 4;
             for ki in 0..k {
                 let v = w[mi * k + ki];
-                weights[panel + place(ki) + (mi % MR) * 4] = v as u8;
+                weights[panel + place(mi, ki)] = v as u8;
                 correction[mi] += 128 * v as i32;
                 tap_sums[mi * taps + ki % taps] += v as i32;
             }
