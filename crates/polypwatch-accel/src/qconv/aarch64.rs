@@ -250,6 +250,8 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
 
 /// A [`Requant`]'s constants in registers.
 pub(super) struct RequantLanes {
+    /// Whether a row's lanes can be beyond `exact`; where they cannot, no row is checked.
+    checked: bool,
     exact: uint32x4_t,
     scale: float64x2_t,
     add: int32x4_t,
@@ -258,15 +260,17 @@ pub(super) struct RequantLanes {
 }
 
 impl RequantLanes {
+    /// The lanes for sums no larger than `bound` in magnitude ([`QConv`]'s `sum_bound`;
+    /// `i64::MAX` checks every row).
     #[inline(always)]
-    pub(super) fn new(rq: &Requant) -> RequantLanes {
+    pub(super) fn for_bound(rq: &Requant, bound: i64) -> RequantLanes {
+        // |acc| up to this keeps |acc| * mult below 2^53.
+        let exact = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as u32;
         // SAFETY: NEON is part of aarch64.
         unsafe {
             RequantLanes {
-                // |acc| up to this keeps |acc| * mult below 2^53.
-                exact: vdupq_n_u32(
-                    (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as u32
-                ),
+                checked: bound > i64::from(exact),
+                exact: vdupq_n_u32(exact),
                 scale: vdupq_n_f64(rq.mult as f64 / (1u64 << rq.shift) as f64),
                 add: vdupq_n_s32(rq.add),
                 hi: vdupq_n_s32(rq.hi),
@@ -280,7 +284,7 @@ impl RequantLanes {
     /// (`steps` are the steps `self` was made from, `mi` the channel).
     #[inline(always)]
     pub(super) fn row(&self, steps: &[Step], mi: usize, v: [int32x4_t; 4]) -> [int32x4_t; 4] {
-        if self.exact(&v) {
+        if !self.checked || self.exact(&v) {
             return v.map(|x| self.apply(x));
         }
         let mut r = [0i32; NR];
@@ -340,7 +344,7 @@ unsafe fn finish(conv: &QConv, tile: &[[i32; NR]; MR], m0: usize, n0: usize, out
         // SAFETY: the caller's.
         return unsafe { conv.finish(&mut tile, m0, n0, out) };
     };
-    let lanes = RequantLanes::new(&rq);
+    let lanes = RequantLanes::for_bound(&rq, conv.sum_bound);
     for (i, row) in tile.iter().enumerate().take(MR.min(conv.m - m0)) {
         let mi = m0 + i;
         // SAFETY: NEON is part of aarch64; 16 i32 of the row.

@@ -93,6 +93,11 @@ pub struct QConv {
     steps: Vec<Step>,
     /// `steps` when they are the usual requantization, for a branch-free epilogue.
     requant: Option<Requant>,
+    /// The largest `|sum + offset|` any output can reach: `128 sum_k |w| + |128 sum_k w +
+    /// offset|` over the channels. Where a vector requantization is exact up to it, it checks
+    /// no row (the NEON one; AVX-512 checks 16 lanes in one instruction).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    sum_bound: i64,
     out_shape: TVec<usize>,
     /// The output is `[channel][pixel]` in memory (`geo.n()` pixels a channel), whatever its
     /// unit axes.
@@ -453,6 +458,7 @@ impl Kernel {
     /// panel. Row-major groups of `MR x 4` bytes, except for `Dot`: two halves of 8 rows, each
     /// `groups x 8 x 4` bytes, so that two neighbouring groups of a quadrant are one 64-byte
     /// load.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(unused_variables))]
     pub(crate) fn weight_at(self, groups: usize, group: usize, row: usize, byte: usize) -> usize {
         match self {
             #[cfg(target_arch = "aarch64")]

@@ -324,6 +324,7 @@ impl QConv {
         };
         let mut weights = vec![0u8; m.div_ceil(MR) * groups * MR * 4];
         let mut correction = vec![0i32; m];
+        let mut abs_sums = vec![0i64; m];
         let mut tap_sums = vec![0i32; m * taps];
         for mi in 0..m {
             let panel = (mi / MR) * groups * MR * 4;
@@ -331,6 +332,7 @@ impl QConv {
                 let v = w[mi * k + ki];
                 weights[panel + place(mi, ki)] = v as u8;
                 correction[mi] += 128 * v as i32;
+                abs_sums[mi] += i64::from(v).abs();
                 tap_sums[mi * taps + ki % taps] += v as i32;
             }
         }
@@ -362,6 +364,14 @@ impl QConv {
             }
         }
         let requant = Requant::of(&steps);
+        // `sum + offset` is `sum_k w (u - 128) + (128 sum_k w + offset)` for the unsigned
+        // inputs `u`.
+        let sum_bound = (0..m)
+            .map(|mi| {
+                128 * abs_sums[mi] + (i64::from(correction[mi]) + i64::from(offset[mi])).abs()
+            })
+            .max()
+            .unwrap_or(0);
         let qconv = QConv {
             geo,
             pad,
@@ -375,6 +385,7 @@ impl QConv {
             offset,
             steps,
             requant,
+            sum_bound,
             out_shape,
             out_dt,
             dequantize: None,
