@@ -252,6 +252,12 @@ unsafe fn product(a: &[u8], b: &Patches, extra: &[i32; MR]) -> [[i32; NR]; MR] {
 pub(super) struct RequantLanes {
     /// Whether a row's lanes can be beyond `exact`; where they cannot, no row is checked.
     checked: bool,
+    /// Whether every sum is below 2^24 in magnitude, so exact as an f32: one conversion
+    /// instruction for four lanes instead of two for two.
+    small: bool,
+    /// `Some(unsigned)` where `lo..=hi` is a byte's whole range (`0..=255` or `-128..=127`):
+    /// the stored byte is then a saturating narrow of the unclamped value.
+    saturates: Option<bool>,
     exact: uint32x4_t,
     scale: float64x2_t,
     add: int32x4_t,
@@ -270,6 +276,12 @@ impl RequantLanes {
         unsafe {
             RequantLanes {
                 checked: bound > i64::from(exact),
+                small: bound < 1 << 24,
+                saturates: match (rq.lo, rq.hi) {
+                    (0, 255) => Some(true),
+                    (-128, 127) => Some(false),
+                    _ => None,
+                },
                 exact: vdupq_n_u32(exact),
                 scale: vdupq_n_f64(rq.mult as f64 / (1u64 << rq.shift) as f64),
                 add: vdupq_n_s32(rq.add),
@@ -285,7 +297,8 @@ impl RequantLanes {
     #[inline(always)]
     pub(super) fn row(&self, steps: &[Step], mi: usize, v: [int32x4_t; 4]) -> [int32x4_t; 4] {
         if !self.checked || self.exact(&v) {
-            return v.map(|x| self.apply(x));
+            // SAFETY: NEON is part of aarch64.
+            return v.map(|x| unsafe { vmaxq_s32(vminq_s32(self.added(x), self.hi), self.lo) });
         }
         let mut r = [0i32; NR];
         // SAFETY: NEON is part of aarch64; 16 i32 out and in.
@@ -297,6 +310,31 @@ impl RequantLanes {
                 step.apply(mi, &mut r);
             }
             [0, 4, 8, 12].map(|k| vld1q_s32(r.as_ptr().add(k)))
+        }
+    }
+
+    /// The 16 bytes tract stores for [`RequantLanes::row`]: the low byte of each result.
+    #[inline(always)]
+    pub(super) fn bytes(&self, steps: &[Step], mi: usize, v: [int32x4_t; 4]) -> int8x16_t {
+        // SAFETY: NEON is part of aarch64.
+        unsafe {
+            if let Some(unsigned) = self.saturates
+                && (!self.checked || self.exact(&v))
+            {
+                // Saturating to the byte's range is the clamp to `lo..=hi`.
+                let s = v.map(|x| self.added(x));
+                let h0 = vqmovn_high_s32(vqmovn_s32(s[0]), s[1]);
+                let h1 = vqmovn_high_s32(vqmovn_s32(s[2]), s[3]);
+                return if unsigned {
+                    vreinterpretq_s8_u8(vqmovun_high_s16(vqmovun_s16(h0), h1))
+                } else {
+                    vqmovn_high_s16(vqmovn_s16(h0), h1)
+                };
+            }
+            let v = self.row(steps, mi, v);
+            let h0 = vmovn_high_s32(vmovn_s32(v[0]), v[1]);
+            let h1 = vmovn_high_s32(vmovn_s32(v[2]), v[3]);
+            vmovn_high_s16(vmovn_s16(h0), h1)
         }
     }
 
@@ -314,19 +352,25 @@ impl RequantLanes {
         }
     }
 
-    /// `max(min(round_even(acc * mult / 2^shift) + add, hi), lo)` on 4 lanes whose `acc *
-    /// mult` is exact in f64 ([`RequantLanes::exact`]): converting with round-to-nearest-even
-    /// is then tract's rounding.
+    /// `round_even(acc * mult / 2^shift) + add` on 4 lanes whose `acc * mult` is exact in f64
+    /// ([`RequantLanes::exact`]): converting with round-to-nearest-even is then tract's
+    /// rounding.
     #[inline(always)]
-    fn apply(&self, acc: int32x4_t) -> int32x4_t {
+    fn added(&self, acc: int32x4_t) -> int32x4_t {
         // SAFETY: NEON is part of aarch64.
         unsafe {
-            let lo = vcvtq_f64_s64(vmovl_s32(vget_low_s32(acc)));
-            let hi = vcvtq_f64_s64(vmovl_high_s32(acc));
+            let (lo, hi) = if self.small {
+                let f = vcvtq_f32_s32(acc);
+                (vcvt_f64_f32(vget_low_f32(f)), vcvt_high_f64_f32(f))
+            } else {
+                (
+                    vcvtq_f64_s64(vmovl_s32(vget_low_s32(acc))),
+                    vcvtq_f64_s64(vmovl_high_s32(acc)),
+                )
+            };
             let lo = vcvtnq_s64_f64(vmulq_f64(lo, self.scale));
             let hi = vcvtnq_s64_f64(vmulq_f64(hi, self.scale));
-            let scaled = vmovn_high_s64(vmovn_s64(lo), hi);
-            vmaxq_s32(vminq_s32(vaddq_s32(scaled, self.add), self.hi), self.lo)
+            vaddq_s32(vmovn_high_s64(vmovn_s64(lo), hi), self.add)
         }
     }
 }
@@ -353,7 +397,6 @@ unsafe fn finish(conv: &QConv, tile: &[[i32; NR]; MR], m0: usize, n0: usize, out
             let p = row.as_ptr();
             [0, 4, 8, 12].map(|k| vaddq_s32(vld1q_s32(p.add(k)), o))
         };
-        let v = lanes.row(&conv.steps, mi, v);
         let at = mi * conv.geo.n() + n0;
         // SAFETY: NEON is part of aarch64; 16 elements of this channel's row (and of the
         // residual's, same layout).
@@ -363,7 +406,7 @@ unsafe fn finish(conv: &QConv, tile: &[[i32; NR]; MR], m0: usize, n0: usize, out
                 let (mask, zp) = (vdupq_n_s32(0xff), vdupq_n_s32(zero_point));
                 let scale = vdupq_n_f32(f32::from_bits(scale));
                 let o = out.data.cast::<f32>().add(at);
-                for (k, &x) in v.iter().enumerate() {
+                for (k, &x) in lanes.row(&conv.steps, mi, v).iter().enumerate() {
                     let q = vsubq_s32(vandq_s32(x, mask), zp);
                     let mut f = vmulq_f32(vcvtq_f32_s32(q), scale);
                     if !out.residual.is_null() {
@@ -373,10 +416,7 @@ unsafe fn finish(conv: &QConv, tile: &[[i32; NR]; MR], m0: usize, n0: usize, out
                     vst1q_f32(o.add(4 * k), f);
                 }
             } else {
-                // tract stores the low byte.
-                let h0 = vmovn_high_s32(vmovn_s32(v[0]), v[1]);
-                let h1 = vmovn_high_s32(vmovn_s32(v[2]), v[3]);
-                let b = vmovn_high_s16(vmovn_s16(h0), h1);
+                let b = lanes.bytes(&conv.steps, mi, v);
                 vst1q_s8(out.data.cast::<i8>().add(at), b);
             }
         }

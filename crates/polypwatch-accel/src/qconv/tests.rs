@@ -101,8 +101,9 @@ fn requantization_cases() -> impl Iterator<Item = (Vec<Step>, Requant, [i32; NR]
                 policy: RoundingPolicy::Even,
             },
             Step::Scalar(BinOp::Add, (next() % 256) as i32 - 128),
-            Step::Scalar(BinOp::Min, 255),
-            Step::Scalar(BinOp::Max, 0),
+            // A u8 output's range, an i8 one's, and one narrower than a byte.
+            Step::Scalar(BinOp::Min, [255, 127, 100][round % 3]),
+            Step::Scalar(BinOp::Max, [0, -128, -20][round % 3]),
         ];
         let rq = Requant::of(&steps)?;
         let limit = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i64;
@@ -161,15 +162,18 @@ fn neon_requantization_equals_scalar_steps() {
             aarch64::RequantLanes::for_bound(&rq, i64::MAX),
             aarch64::RequantLanes::for_bound(&rq, bound),
         ] {
-            let mut vector = [0i32; NR];
-            // SAFETY: NEON is part of aarch64; 16 i32 in and out.
+            let (mut vector, mut bytes) = ([0i32; NR], [0i8; NR]);
+            // SAFETY: NEON is part of aarch64; 16 i32 in and out, 16 bytes out.
             unsafe {
                 let v = [0, 4, 8, 12].map(|k| vld1q_s32(lanes.as_ptr().add(k)));
                 for (k, x) in rq.row(&steps, 0, v).into_iter().enumerate() {
                     vst1q_s32(vector.as_mut_ptr().add(4 * k), x);
                 }
+                vst1q_s8(bytes.as_mut_ptr(), rq.bytes(&steps, 0, v));
             }
             assert_eq!(scalar, vector, "{steps:?} on {lanes:?}");
+            // tract stores the low byte.
+            assert_eq!(scalar.map(|x| x as i8), bytes, "{steps:?} on {lanes:?}");
         }
     }
 }
