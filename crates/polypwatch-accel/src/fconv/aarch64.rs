@@ -5,10 +5,12 @@
 //! channels x 3 columns is 24 accumulator registers, which leaves 8 of the 32 for one
 //! channel's 3 input registers and 8 weights (`fmla` by element). The loops are assembly, so
 //! that the accumulators stay in registers and each tap costs its two address additions and
-//! loads, 24 `fmla`s and the loop's compare; a tile of one tap whose columns are neighbours
-//! (every Winograd product, most 1x1 convolutions) loads its 12 pixels with one `ld1` that
-//! also steps to the next channel. The sums are the portable kernel's, in its order (channels
-//! outer, taps inner, one fused multiply-add each), so the results agree to the bit.
+//! loads, 24 `fmla`s and the loop's compare (where every tap is live, the weights follow their
+//! pointer instead of the tap table); a tile of one tap whose columns are neighbours (every
+//! Winograd product, most 1x1 convolutions) loads its 12 pixels with one `ld1` that also
+//! steps to the next channel, and two channels' weights with one more, four channels an
+//! iteration. The sums are the portable kernel's, in its order (channels outer, taps inner,
+//! one fused multiply-add each), so the results agree to the bit.
 
 use super::{Job, LANES, MR, Store};
 use std::arch::aarch64::*;
@@ -19,41 +21,93 @@ const Q: usize = 4;
 /// Columns a pass.
 const COLS: usize = 3;
 
-/// The 24 `fmla`s of one channel and tap: pixels in v0-v2, weights in v3 (channels 0-3) and
-/// v4 (4-7), into v8-v31 (channel `r`, column `k` in `v(8 + 3 r + k)`).
+/// The 24 `fmla`s of one channel and tap: pixels in v0-v2, weights in `$w0` (channels 0-3)
+/// and `$w1` (4-7; v3 and v4 unless named), into v8-v31 (channel `r`, column `k` in `v(8 + 3 r
+/// + k)`).
 macro_rules! fmla24 {
     () => {
+        fmla24!("v3", "v4")
+    };
+    ($w0:literal, $w1:literal) => {
         concat!(
-            "fmla v8.4s, v0.4s, v3.s[0]\n",
-            "fmla v9.4s, v1.4s, v3.s[0]\n",
-            "fmla v10.4s, v2.4s, v3.s[0]\n",
-            "fmla v11.4s, v0.4s, v3.s[1]\n",
-            "fmla v12.4s, v1.4s, v3.s[1]\n",
-            "fmla v13.4s, v2.4s, v3.s[1]\n",
-            "fmla v14.4s, v0.4s, v3.s[2]\n",
-            "fmla v15.4s, v1.4s, v3.s[2]\n",
-            "fmla v16.4s, v2.4s, v3.s[2]\n",
-            "fmla v17.4s, v0.4s, v3.s[3]\n",
-            "fmla v18.4s, v1.4s, v3.s[3]\n",
-            "fmla v19.4s, v2.4s, v3.s[3]\n",
-            "fmla v20.4s, v0.4s, v4.s[0]\n",
-            "fmla v21.4s, v1.4s, v4.s[0]\n",
-            "fmla v22.4s, v2.4s, v4.s[0]\n",
-            "fmla v23.4s, v0.4s, v4.s[1]\n",
-            "fmla v24.4s, v1.4s, v4.s[1]\n",
-            "fmla v25.4s, v2.4s, v4.s[1]\n",
-            "fmla v26.4s, v0.4s, v4.s[2]\n",
-            "fmla v27.4s, v1.4s, v4.s[2]\n",
-            "fmla v28.4s, v2.4s, v4.s[2]\n",
-            "fmla v29.4s, v0.4s, v4.s[3]\n",
-            "fmla v30.4s, v1.4s, v4.s[3]\n",
-            "fmla v31.4s, v2.4s, v4.s[3]\n",
+            "fmla v8.4s, v0.4s, ",
+            $w0,
+            ".s[0]\n",
+            "fmla v9.4s, v1.4s, ",
+            $w0,
+            ".s[0]\n",
+            "fmla v10.4s, v2.4s, ",
+            $w0,
+            ".s[0]\n",
+            "fmla v11.4s, v0.4s, ",
+            $w0,
+            ".s[1]\n",
+            "fmla v12.4s, v1.4s, ",
+            $w0,
+            ".s[1]\n",
+            "fmla v13.4s, v2.4s, ",
+            $w0,
+            ".s[1]\n",
+            "fmla v14.4s, v0.4s, ",
+            $w0,
+            ".s[2]\n",
+            "fmla v15.4s, v1.4s, ",
+            $w0,
+            ".s[2]\n",
+            "fmla v16.4s, v2.4s, ",
+            $w0,
+            ".s[2]\n",
+            "fmla v17.4s, v0.4s, ",
+            $w0,
+            ".s[3]\n",
+            "fmla v18.4s, v1.4s, ",
+            $w0,
+            ".s[3]\n",
+            "fmla v19.4s, v2.4s, ",
+            $w0,
+            ".s[3]\n",
+            "fmla v20.4s, v0.4s, ",
+            $w1,
+            ".s[0]\n",
+            "fmla v21.4s, v1.4s, ",
+            $w1,
+            ".s[0]\n",
+            "fmla v22.4s, v2.4s, ",
+            $w1,
+            ".s[0]\n",
+            "fmla v23.4s, v0.4s, ",
+            $w1,
+            ".s[1]\n",
+            "fmla v24.4s, v1.4s, ",
+            $w1,
+            ".s[1]\n",
+            "fmla v25.4s, v2.4s, ",
+            $w1,
+            ".s[1]\n",
+            "fmla v26.4s, v0.4s, ",
+            $w1,
+            ".s[2]\n",
+            "fmla v27.4s, v1.4s, ",
+            $w1,
+            ".s[2]\n",
+            "fmla v28.4s, v2.4s, ",
+            $w1,
+            ".s[2]\n",
+            "fmla v29.4s, v0.4s, ",
+            $w1,
+            ".s[3]\n",
+            "fmla v30.4s, v1.4s, ",
+            $w1,
+            ".s[3]\n",
+            "fmla v31.4s, v2.4s, ",
+            $w1,
+            ".s[3]\n",
         )
     };
 }
 
 /// The assembly of one pass with the accumulators bound to v8-v31 (`$a` is `[[float32x4_t;
-/// COLS]; MR]`) and v0-v7 clobbered.
+/// COLS]; MR]`) and v0-v6 clobbered.
 macro_rules! pass_asm {
     ($a:ident, $($t:tt)*) => {
         asm!(
@@ -87,6 +141,8 @@ macro_rules! pass_asm {
             out("v2") _,
             out("v3") _,
             out("v4") _,
+            out("v5") _,
+            out("v6") _,
             options(nostack, readonly),
         )
     };
@@ -114,6 +170,48 @@ unsafe fn pass(job: &Job, bias: &[f32], cols: [usize; COLS]) -> [[float32x4_t; C
         if let [(tap, tap_w)] = *job.taps
             && cols[1] == cols[0] + Q
             && cols[2] == cols[1] + Q
+            && job.channel_w == MR
+        {
+            // Neighbouring channels' weights are neighbours: two channels' are one load. Four
+            // channels an iteration (the remainder of one and two first).
+            pass_asm!(
+                a,
+                "tbz {n}, #0, 3f",
+                "ld1 {{v0.4s, v1.4s, v2.4s}}, [{x}], {plane}",
+                "ld1 {{v3.4s, v4.4s}}, [{w}], #32",
+                fmla24!(),
+                "3:",
+                "tbz {n}, #1, 4f",
+                "ld1 {{v0.4s, v1.4s, v2.4s}}, [{x}], {plane}",
+                "ld1 {{v3.4s, v4.4s, v5.4s, v6.4s}}, [{w}], #64",
+                fmla24!(),
+                "ld1 {{v0.4s, v1.4s, v2.4s}}, [{x}], {plane}",
+                fmla24!("v5", "v6"),
+                "4:",
+                "lsr {n}, {n}, #2",
+                "cbz {n}, 5f",
+                "2:",
+                "ld1 {{v0.4s, v1.4s, v2.4s}}, [{x}], {plane}",
+                "ld1 {{v3.4s, v4.4s, v5.4s, v6.4s}}, [{w}], #64",
+                fmla24!(),
+                "ld1 {{v0.4s, v1.4s, v2.4s}}, [{x}], {plane}",
+                fmla24!("v5", "v6"),
+                "ld1 {{v0.4s, v1.4s, v2.4s}}, [{x}], {plane}",
+                "ld1 {{v3.4s, v4.4s, v5.4s, v6.4s}}, [{w}], #64",
+                fmla24!(),
+                "ld1 {{v0.4s, v1.4s, v2.4s}}, [{x}], {plane}",
+                fmla24!("v5", "v6"),
+                "subs {n}, {n}, #1",
+                "b.ne 2b",
+                "5:",
+                x = inout(reg) x.add(tap + cols[0]) => _,
+                w = inout(reg) w.add(tap_w) => _,
+                n = inout(reg) job.channels => _,
+                plane = in(reg) plane,
+            );
+        } else if let [(tap, tap_w)] = *job.taps
+            && cols[1] == cols[0] + Q
+            && cols[2] == cols[1] + Q
         {
             pass_asm!(
                 a,
@@ -128,6 +226,43 @@ unsafe fn pass(job: &Job, bias: &[f32], cols: [usize; COLS]) -> [[float32x4_t; C
                 n = inout(reg) job.channels => _,
                 plane = in(reg) plane,
                 cw = in(reg) channel_w,
+            );
+        } else if job.taps.len() * MR == job.channel_w
+            && job.taps.iter().enumerate().all(|(i, t)| t.1 == i * MR)
+        {
+            // Every tap live (a tile inside the map): a channel's weights are read in order,
+            // so they follow the pointer and only the input's offsets come from the table.
+            const _: () = assert!(std::mem::size_of::<(usize, usize)>() == 16);
+            pass_asm!(
+                a,
+                "1:",
+                "mov {tp}, {taps}",
+                "mov {tn}, {ntaps}",
+                "2:",
+                "ldr {px}, [{tp}], #16",
+                "add {px}, {x}, {px}, lsl #2",
+                "ldr q0, [{px}, {c0}]",
+                "ldr q1, [{px}, {c1}]",
+                "ldr q2, [{px}, {c2}]",
+                "ldp q3, q4, [{w}], #32",
+                fmla24!(),
+                "subs {tn}, {tn}, #1",
+                "b.ne 2b",
+                "add {x}, {x}, {plane}",
+                "subs {n}, {n}, #1",
+                "b.ne 1b",
+                x = inout(reg) x => _,
+                w = inout(reg) w => _,
+                n = inout(reg) job.channels => _,
+                taps = in(reg) job.taps.as_ptr(),
+                ntaps = in(reg) job.taps.len(),
+                tp = out(reg) _,
+                tn = out(reg) _,
+                px = out(reg) _,
+                c0 = in(reg) cols[0] * 4,
+                c1 = in(reg) cols[1] * 4,
+                c2 = in(reg) cols[2] * 4,
+                plane = in(reg) plane,
             );
         } else {
             // Pairs of usizes, walked as such.
