@@ -104,37 +104,85 @@ impl Gathered {
     }
 }
 
-/// `LANES` floats, as the transforms use them: an AVX-512 register, or an array for the
-/// portable copy of the code. Both do the same IEEE additions, so the results agree to the bit.
+/// `WIDTH` floats, as the transforms use them: an AVX-512 register or an array of `LANES` for
+/// the portable copy of the code, a NEON register of 4 that runs a vector of tiles a quarter at
+/// a time (a 4x4 patch of four-register values is 64 registers, twice what NEON has, and
+/// spilled). All do the same IEEE additions, so the results agree to the bit.
 pub(super) trait Lanes: Copy {
+    /// Floats in one value, dividing `LANES`.
+    const WIDTH: usize;
     /// # Safety
-    /// `n <= LANES` floats readable at `p`; the lanes past `n` are zero.
+    /// `n <= WIDTH` floats readable at `p`; the lanes past `n` are zero.
     unsafe fn load(p: *const f32, n: usize) -> Self;
     /// # Safety
-    /// `n <= LANES` floats writable at `p`; the lanes past `n` are not written.
+    /// `n <= WIDTH` floats writable at `p`; the lanes past `n` are not written.
     unsafe fn store(self, p: *mut f32, n: usize);
+    /// The 16 positions of a transformed patch, `step` floats apart from `p`: `WIDTH` floats
+    /// each.
+    ///
+    /// # Safety
+    /// As [`Lanes::load`] at every `p + k step`, with `n = WIDTH`.
+    #[inline(always)]
+    unsafe fn load16(p: *const f32, step: usize) -> [Self; K] {
+        // SAFETY: the caller's. (A loop, not `array::from_fn`: see `transform_input_any`.)
+        unsafe {
+            let mut v = [Self::splat(0.0); K];
+            for (k, v) in v.iter_mut().enumerate() {
+                *v = Self::load(p.add(k * step), Self::WIDTH);
+            }
+            v
+        }
+    }
+    /// The 16 positions of a transformed patch into `WIDTH` floats each, `step` floats apart
+    /// from `p`.
+    ///
+    /// # Safety
+    /// As [`Lanes::store`] at every `p + k step`, with `n = WIDTH`.
+    #[inline(always)]
+    unsafe fn store16(v: [Self; K], p: *mut f32, step: usize) {
+        for (k, v) in v.into_iter().enumerate() {
+            // SAFETY: the caller's.
+            unsafe { v.store(p.add(k * step), Self::WIDTH) };
+        }
+    }
     fn add(self, o: Self) -> Self;
     fn sub(self, o: Self) -> Self;
     fn splat(v: f32) -> Self;
     /// `if x > 0 { x } else { 0 }` per lane.
     fn relu(self) -> Self;
-    /// Lanes `a0 b0 a1 b1 ..`: the first `LANES` of them, then the rest.
+    /// Lanes `a0 b0 a1 b1 ..`: the first `WIDTH` of them, then the rest.
     fn interleave(a: Self, b: Self) -> (Self, Self);
     /// `row[first + 2 l]` and `row[first + 2 l + 1]` for every lane `l`, zero outside `row`.
     fn even_odd(row: &[f32], first: isize) -> (Self, Self);
+    /// `p[2 l]` and `p[2 l + 1]` for every lane `l`: [`Lanes::even_odd`] where all of them
+    /// are inside the row, without its checks.
+    ///
+    /// # Safety
+    /// `2 * WIDTH` floats readable at `p`.
+    #[inline(always)]
+    unsafe fn even_odd_inside(p: *const f32) -> (Self, Self) {
+        // SAFETY: the caller's.
+        Self::even_odd(unsafe { std::slice::from_raw_parts(p, 2 * Self::WIDTH) }, 0)
+    }
     /// `x[at[l]]` for every lane, zero where `at[l] < 0`.
     ///
     /// # Safety
-    /// Every `at[l] >= 0` is inside `x`.
-    unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self;
+    /// `at` holds `WIDTH` offsets; every `at[l] >= 0` is inside `x`.
+    unsafe fn gather(x: &[f32], at: &[i32]) -> Self;
     /// `x[at[l]] = self[l]` for every lane where `at[l] >= 0`.
     ///
     /// # Safety
-    /// Every `at[l] >= 0` is inside `x`, and they differ.
-    unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]);
+    /// `at` holds `WIDTH` offsets; every `at[l] >= 0` is inside `x`, and they differ.
+    unsafe fn scatter(self, x: &mut [f32], at: &[i32]);
+}
+
+/// The offsets of part `part` (of `WIDTH` lanes) of a vector's table.
+fn part<L: Lanes>(at: &[i32; LANES], part: usize) -> &[i32] {
+    &at[part * L::WIDTH..][..L::WIDTH]
 }
 
 impl Lanes for [f32; LANES] {
+    const WIDTH: usize = LANES;
     #[inline(always)]
     unsafe fn load(p: *const f32, n: usize) -> Self {
         let mut v = [0f32; LANES];
@@ -164,11 +212,11 @@ impl Lanes for [f32; LANES] {
         self.map(|x| if x > 0.0 { x } else { 0.0 })
     }
     #[inline(always)]
-    unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self {
-        at.map(|i| if i >= 0 { x[i as usize] } else { 0.0 })
+    unsafe fn gather(x: &[f32], at: &[i32]) -> Self {
+        std::array::from_fn(|l| if at[l] >= 0 { x[at[l] as usize] } else { 0.0 })
     }
     #[inline(always)]
-    unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]) {
+    unsafe fn scatter(self, x: &mut [f32], at: &[i32]) {
         for (&v, &i) in self.iter().zip(at) {
             if i >= 0 {
                 x[i as usize] = v;
@@ -221,29 +269,53 @@ impl Layout {
         let v = v - self.first;
         ((k * self.blocks + v / NV) * self.channels + ci) * NV * LANES + (v % NV) * LANES
     }
+
+    /// From position `k`'s floats to position `k + 1`'s.
+    fn k_stride(&self) -> usize {
+        self.blocks * self.channels * NV * LANES
+    }
 }
 
-/// `B^T d B` of vector `v`'s patches `d` (`[i][j]`), into `u` (`[k][block][c][NV * LANES]`).
+/// `B^T d B` of part `part` of vector `v`'s patches `d` (`[i][j]`), into `u`
+/// (`[k][block][c][NV * LANES]`).
 ///
 /// # Safety
 /// `u` holds the whole transformed input, of which no other thread writes channel `ci`'s.
 // The index runs down the columns of a 4x4 array: clearer than the iterators.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn store_input<L: Lanes>(layout: Layout, d: [[L; 4]; 4], v: usize, ci: usize, u: *mut f32) {
+unsafe fn store_input<L: Lanes>(
+    layout: Layout,
+    d: [[L; 4]; 4],
+    (v, part): (usize, usize),
+    ci: usize,
+    u: *mut f32,
+) {
     // B^T down each column, then across each row.
     let mut cols = [[L::splat(0.0); 4]; 4];
     for (j, col) in cols.iter_mut().enumerate() {
         *col = bt([d[0][j], d[1][j], d[2][j], d[3][j]]);
     }
+    // Positions `k = 4 i + j` in order, one stride apart: a walked pointer, not 16 of them.
+    let mut out = [L::splat(0.0); K];
     for i in 0..4 {
         let t = bt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
-        for (j, t) in t.into_iter().enumerate() {
-            let at = layout.at(i * 4 + j, v, ci);
-            // SAFETY: `at..at + LANES` is inside `u` (the caller's), and channel `ci`'s.
-            unsafe { t.store(u.add(at), LANES) };
-        }
+        out[i * 4..][..4].copy_from_slice(&t);
     }
+    let at = layout.at(0, v, ci) + part * L::WIDTH;
+    // SAFETY: `at + k step..` and `WIDTH` floats on, for every position `k`, are inside `u`
+    // (the caller's), and channel `ci`'s.
+    unsafe { L::store16(out, u.add(at), layout.k_stride()) };
+}
+
+/// The 16 positions of a transformed patch as its rows.
+#[inline(always)]
+fn as_4x4<L: Lanes>(v: [L; K]) -> [[L; 4]; 4] {
+    let mut m = [[v[0]; 4]; 4];
+    for (k, v) in v.into_iter().enumerate() {
+        m[k / 4][k % 4] = v;
+    }
+    m
 }
 
 /// `B^T d` along one axis: `(d0 - d2, d1 + d2, d2 - d1, d1 - d3)`.
@@ -522,7 +594,9 @@ impl FConv {
         if self.kernel != Kernel::Portable {
             // SAFETY: the caller's.
             return unsafe {
-                self.transform_input_any::<aarch64::Neon>(wg, x, ci, vectors, layout, u)
+                self.transform_input_any::<std::arch::aarch64::float32x4_t>(
+                    wg, x, ci, vectors, layout, u,
+                )
             };
         }
         // SAFETY: the caller's.
@@ -548,15 +622,18 @@ impl FConv {
         let zero = L::splat(0.0);
         if let Some(tables) = &wg.gathered {
             for v in vectors {
-                let mut d = [[zero; 4]; 4];
-                for (i, row) in d.iter_mut().enumerate() {
-                    for (j, e) in row.iter_mut().enumerate() {
-                        // SAFETY: the tables' offsets are inside a channel's plane.
-                        *e = unsafe { L::gather(x, &tables.input[v * 16 + i * 4 + j]) };
+                for p in 0..LANES / L::WIDTH {
+                    let mut d = [[zero; 4]; 4];
+                    for (i, row) in d.iter_mut().enumerate() {
+                        for (j, e) in row.iter_mut().enumerate() {
+                            let at = part::<L>(&tables.input[v * 16 + i * 4 + j], p);
+                            // SAFETY: the tables' offsets are inside a channel's plane.
+                            *e = unsafe { L::gather(x, at) };
+                        }
                     }
+                    // SAFETY: the caller's.
+                    unsafe { store_input(layout, d, (v, p), ci, u) };
                 }
-                // SAFETY: the caller's.
-                unsafe { store_input(layout, d, v, ci, u) };
             }
             return;
         }
@@ -574,19 +651,30 @@ impl FConv {
                     *r = Some(&x[y as usize * g.w..][..g.w]);
                 }
             }
-            // Patch element (i, j) of the tiles: row 2 ty + i, column 2 tx + j: the even and
-            // odd columns from 2 tx - pad_left, and from 2 further.
-            let first = (2 * tx) as isize - g.pad_left;
-            let mut d = [[zero; 4]; 4];
-            for (d, row) in d.iter_mut().zip(rows) {
-                if let Some(row) = row {
-                    let (e0, o0) = L::even_odd(row, first);
-                    let (e1, o1) = L::even_odd(row, first + 2);
-                    *d = [e0, o0, e1, o1];
+            for p in 0..LANES / L::WIDTH {
+                // Patch element (i, j) of part `p`'s tiles: row 2 ty + i, column 2 tx + j:
+                // the even and odd columns from 2 tx - pad_left, and from 2 further.
+                let first = (2 * (tx + p * L::WIDTH)) as isize - g.pad_left;
+                // All rows are `g.w` long: one check for the four.
+                let inside = first >= 0 && first as usize + 2 * L::WIDTH + 2 <= g.w;
+                let mut d = [[zero; 4]; 4];
+                for (d, row) in d.iter_mut().zip(rows) {
+                    if let Some(row) = row {
+                        let ((e0, o0), (e1, o1)) = if inside {
+                            // SAFETY: `first..first + 2 WIDTH + 2` is inside `row`.
+                            unsafe {
+                                let at = row.as_ptr().add(first as usize);
+                                (L::even_odd_inside(at), L::even_odd_inside(at.add(2)))
+                            }
+                        } else {
+                            (L::even_odd(row, first), L::even_odd(row, first + 2))
+                        };
+                        *d = [e0, o0, e1, o1];
+                    }
                 }
+                // SAFETY: the caller's.
+                unsafe { store_input(layout, d, (v, p), ci, u) };
             }
-            // SAFETY: the caller's.
-            unsafe { store_input(layout, d, v, ci, u) };
         }
     }
 
@@ -619,7 +707,8 @@ impl FConv {
         }
         #[cfg(target_arch = "aarch64")]
         if self.kernel != Kernel::Portable {
-            return self.transform_output_any::<aarch64::Neon>(wg, v, mi, residual, out);
+            return self
+                .transform_output_any::<std::arch::aarch64::float32x4_t>(wg, v, mi, residual, out);
         }
         self.transform_output_any::<[f32; LANES]>(wg, v, mi, residual, out)
     }
@@ -641,15 +730,13 @@ impl FConv {
         let bias = L::splat(self.bias.0[mi]);
         if let Some(tables) = &wg.gathered {
             let zero = L::splat(0.0);
-            for vi in 0..wg.vectors {
-                let mut mk = [[zero; 4]; 4];
-                for (i, row) in mk.iter_mut().enumerate() {
-                    for (j, e) in row.iter_mut().enumerate() {
-                        let at = ((i * 4 + j) * m + mi) * tpad + vi * LANES;
-                        // SAFETY: inside `v` (asserted length).
-                        *e = unsafe { L::load(v.as_ptr().add(at), LANES) };
-                    }
-                }
+            for (vi, p) in
+                (0..wg.vectors).flat_map(|vi| (0..LANES / L::WIDTH).map(move |p| (vi, p)))
+            {
+                let at = mi * tpad + vi * LANES + p * L::WIDTH;
+                // SAFETY: `(k, mi, at..at + WIDTH)` is inside `v` (asserted length).
+                let mk = unsafe { L::load16(v.as_ptr().add(at), m * tpad) };
+                let mk = as_4x4(mk);
                 let mut cols = [[zero; 2]; 4];
                 for (j, col) in cols.iter_mut().enumerate() {
                     *col = a_t([mk[0][j], mk[1][j], mk[2][j], mk[3][j]]);
@@ -657,7 +744,7 @@ impl FConv {
                 for a in 0..2 {
                     let y = a_t([cols[0][a], cols[1][a], cols[2][a], cols[3][a]]);
                     for (b, mut y) in y.into_iter().enumerate() {
-                        let at = &tables.output[vi * 4 + a * 2 + b];
+                        let at = part::<L>(&tables.output[vi * 4 + a * 2 + b], p);
                         y = y.add(bias);
                         if let Some(r) = residual {
                             // SAFETY: the tables' offsets are inside a channel's plane.
@@ -674,19 +761,22 @@ impl FConv {
             return;
         }
         for ty in 0..wg.th {
-            for tx in (0..wg.tw).step_by(LANES) {
-                let n = (wg.tw - tx).min(LANES);
+            for tx in (0..wg.tw).step_by(L::WIDTH) {
+                let n = (wg.tw - tx).min(L::WIDTH);
                 let at = ty * wg.tw + tx;
                 let zero = L::splat(0.0);
-                let mut mk = [[zero; 4]; 4];
-                for (i, row) in mk.iter_mut().enumerate() {
-                    for (j, e) in row.iter_mut().enumerate() {
-                        // SAFETY: `(k, mi, at..at + n)` is inside `v` (asserted lengths).
-                        *e = unsafe {
-                            L::load(v.as_ptr().add(((i * 4 + j) * m + mi) * tpad + at), n)
-                        };
+                let mut mk = [zero; K];
+                let from = v[mi * tpad + at..].as_ptr();
+                if n == L::WIDTH {
+                    // SAFETY: `(k, mi, at..at + n)` is inside `v` (asserted lengths).
+                    mk = unsafe { L::load16(from, m * tpad) };
+                } else {
+                    for (k, e) in mk.iter_mut().enumerate() {
+                        // SAFETY: as above.
+                        *e = unsafe { L::load(from.add(k * m * tpad), n) };
                     }
                 }
+                let mk = as_4x4(mk);
                 let mut cols = [[zero; 2]; 4];
                 for (j, col) in cols.iter_mut().enumerate() {
                     *col = a_t([mk[0][j], mk[1][j], mk[2][j], mk[3][j]]);
@@ -702,11 +792,11 @@ impl FConv {
                     let (lo, hi) = L::interleave(y[0], y[1]);
                     let row = oy * ow + 2 * tx;
                     for (h, mut y) in [lo, hi].into_iter().enumerate() {
-                        let len = width.saturating_sub(h * LANES).min(LANES);
+                        let len = width.saturating_sub(h * L::WIDTH).min(L::WIDTH);
                         if len == 0 {
                             break;
                         }
-                        let at = row + h * LANES;
+                        let at = row + h * L::WIDTH;
                         y = y.add(bias);
                         if let Some(r) = residual {
                             // SAFETY: `at + len <= oh * ow`, the residual's length.

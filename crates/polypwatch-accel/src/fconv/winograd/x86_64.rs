@@ -10,6 +10,7 @@ fn mask(n: usize) -> __mmask16 {
 // Only called from functions compiled with AVX-512 F (`FConv::transform_*`), into which
 // these inline.
 impl Lanes for __m512 {
+    const WIDTH: usize = LANES;
     #[inline(always)]
     unsafe fn load(p: *const f32, n: usize) -> Self {
         // SAFETY: the caller's; masked lanes are not read.
@@ -42,7 +43,7 @@ impl Lanes for __m512 {
         unsafe { _mm512_max_ps(self, _mm512_setzero_ps()) }
     }
     #[inline(always)]
-    unsafe fn gather(x: &[f32], at: &[i32; LANES]) -> Self {
+    unsafe fn gather(x: &[f32], at: &[i32]) -> Self {
         // SAFETY: the caller's: lanes with `at >= 0` are inside `x`, the others masked.
         unsafe {
             let idx = _mm512_loadu_si512(at.as_ptr().cast());
@@ -51,7 +52,7 @@ impl Lanes for __m512 {
         }
     }
     #[inline(always)]
-    unsafe fn scatter(self, x: &mut [f32], at: &[i32; LANES]) {
+    unsafe fn scatter(self, x: &mut [f32], at: &[i32]) {
         // SAFETY: the caller's: lanes with `at >= 0` are inside `x`, the others masked.
         unsafe {
             let idx = _mm512_loadu_si512(at.as_ptr().cast());
