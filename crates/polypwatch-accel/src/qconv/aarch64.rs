@@ -270,8 +270,7 @@ impl RequantLanes {
     /// `i64::MAX` checks every row).
     #[inline(always)]
     pub(super) fn for_bound(rq: &Requant, bound: i64) -> RequantLanes {
-        // |acc| up to this keeps |acc| * mult below 2^53.
-        let exact = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as u32;
+        let exact = rq.exact_limit();
         // SAFETY: NEON is part of aarch64.
         unsafe {
             RequantLanes {

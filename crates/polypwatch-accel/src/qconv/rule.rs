@@ -168,6 +168,12 @@ impl QConv {
 }
 
 impl Requant {
+    /// The largest `|acc|` whose `|acc| * mult` is below 2^53, so exact in an f64: up to it a
+    /// vector requantization multiplies in f64 instead of tract's i64 steps.
+    pub(super) fn exact_limit(&self) -> u32 {
+        (((1u64 << 53) - 1) / self.mult as u64).min(i32::MAX as u64) as u32
+    }
+
     pub(super) fn of(steps: &[Step]) -> Option<Requant> {
         // `mult > 0` (tract's multipliers are), so that the f64 path's scale is positive.
         let [

@@ -106,7 +106,7 @@ fn requantization_cases() -> impl Iterator<Item = (Vec<Step>, Requant, [i32; NR]
             Step::Scalar(BinOp::Max, [0, -128, -20][round % 3]),
         ];
         let rq = Requant::of(&steps)?;
-        let limit = (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i64;
+        let limit = i64::from(rq.exact_limit());
         let lanes: [i32; NR] = std::array::from_fn(|_| {
             let v = match round % 4 {
                 0 => next() as i32 as i64,

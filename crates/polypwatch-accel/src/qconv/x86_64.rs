@@ -159,10 +159,7 @@ impl RequantLanes {
             mult: rq.mult,
             shift: rq.shift,
             scale: _mm512_set1_pd(rq.mult as f64 / (1u64 << rq.shift) as f64),
-            // |acc| up to this keeps |acc| * mult below 2^53.
-            exact: _mm512_set1_epi32(
-                (((1u64 << 53) - 1) / rq.mult as u64).min(i32::MAX as u64) as i32
-            ),
+            exact: _mm512_set1_epi32(rq.exact_limit() as i32),
             add: _mm512_set1_epi32(rq.add),
             hi: _mm512_set1_epi32(rq.hi),
             lo: _mm512_set1_epi32(rq.lo),
