@@ -368,10 +368,14 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
-    const PRESETS: [&str; 3] = [
+    const PRESETS: [&str; 7] = [
         include_str!("../configs/edge.toml"),
         include_str!("../configs/study.toml"),
         include_str!("../configs/edge-multi.toml"),
+        include_str!("../configs/edge-multi-long.toml"),
+        include_str!("../configs/edge-multi-ft.toml"),
+        include_str!("../configs/edge-multi-ft-frozen.toml"),
+        include_str!("../configs/edge-multi-w0625.toml"),
     ];
 
     #[test]
