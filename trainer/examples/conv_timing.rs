@@ -34,6 +34,22 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() / reps as f64
 }
 
+/// The fastest of `reps` runs of `f` with the implicit-GEMM path on and off, interleaved so a
+/// burst of load hits both: (on, off).
+fn time_paths(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut best = [f64::MAX; 2];
+    for _ in 0..reps {
+        for (i, on) in [true, false].into_iter().enumerate() {
+            polypwatch_train::kernels::set_implicit_gemm(on);
+            let t = Instant::now();
+            f();
+            best[i] = best[i].min(t.elapsed().as_secs_f64());
+        }
+    }
+    polypwatch_train::kernels::set_implicit_gemm(true);
+    (best[0], best[1])
+}
+
 /// (count, input, weight, stride, pad, dilation).
 type Layer = (usize, [usize; 4], [usize; 4], usize, usize, usize);
 
@@ -61,6 +77,8 @@ fn main() {
         (1, [8, 64, 48, 48], [64, 64, 3, 3], 1, 1, 1),
     ];
     let mut totals = [0f64; 6];
+    // Our three passes with the implicit-GEMM path and with the column layout throughout.
+    let mut paths = [[0f64; 2]; 3];
     println!(
         "layer                                   fwd ms  xgrad ms  wgrad ms  burn-wgrad ms   fwd GFLOP/s"
     );
@@ -133,6 +151,41 @@ fn main() {
             mine * 1e3,
             mine_x * 1e3
         );
+        let passes = [
+            time_paths(5, || {
+                drop(polypwatch_train::kernels::conv_forward(
+                    x.clone(),
+                    w.clone(),
+                    &opts,
+                ))
+            }),
+            time_paths(5, || {
+                drop(polypwatch_train::kernels::conv_input_grad(
+                    x.clone(),
+                    w.clone(),
+                    dy.clone(),
+                    &opts,
+                ))
+            }),
+            time_paths(5, || {
+                drop(polypwatch_train::kernels::conv_weight_grad(
+                    &x, &w, &dy, &opts,
+                ))
+            }),
+        ];
+        println!(
+            "   implicit GEMM / column layout, fastest of 5: forward {:.1} / {:.1} ms, input gradient {:.1} / {:.1} ms, weight gradient {:.1} / {:.1} ms",
+            passes[0].0 * 1e3,
+            passes[0].1 * 1e3,
+            passes[1].0 * 1e3,
+            passes[1].1 * 1e3,
+            passes[2].0 * 1e3,
+            passes[2].1 * 1e3
+        );
+        for (acc, p) in paths.iter_mut().zip(passes) {
+            acc[0] += count as f64 * p.0;
+            acc[1] += count as f64 * p.1;
+        }
         let c = count as f64;
         for (t, v) in totals.iter_mut().zip([f, xg, bw, mine, mine_x, wg]) {
             *t += c * v;
@@ -157,5 +210,14 @@ fn main() {
         totals[3] * 1e3,
         totals[4] * 1e3,
         totals[5] * 1e3
+    );
+    println!(
+        "step total, polypwatch, fastest runs, implicit GEMM / column layout: forward {:.0} / {:.0} ms, input gradient {:.0} / {:.0} ms, weight gradient {:.0} / {:.0} ms",
+        paths[0][0] * 1e3,
+        paths[0][1] * 1e3,
+        paths[1][0] * 1e3,
+        paths[1][1] * 1e3,
+        paths[2][0] * 1e3,
+        paths[2][1] * 1e3
     );
 }

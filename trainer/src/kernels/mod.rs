@@ -14,6 +14,7 @@
 
 mod batch_norm;
 mod conv;
+mod implicit;
 
 use std::cell::Cell;
 
@@ -30,6 +31,7 @@ pub use batch_norm::{
 pub use conv::{
     forward as conv_forward, input_grad as conv_input_grad, weight_grad as conv_weight_grad,
 };
+pub use implicit::set_enabled as set_implicit_gemm;
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
@@ -166,6 +168,11 @@ mod tests {
             // Large enough for the tiled weight gradient, tiles ending mid-row.
             ([2, 32, 96, 96], [8, 32, 3, 3], 1, 1, 1),
             ([2, 8, 200, 200], [4, 8, 7, 7], 2, 3, 1),
+            // Wide enough for the implicit path: row bands ending inside the map, dilation,
+            // a kernel wider than tall.
+            ([2, 40, 70, 50], [24, 40, 3, 3], 1, 1, 1),
+            ([2, 6, 30, 27], [5, 6, 3, 3], 1, 2, 2),
+            ([2, 5, 25, 33], [4, 5, 1, 3], 1, 1, 1),
         ];
         for (xs, ws, s, p, d) in cases {
             let inputs = [random(xs, &device), random(ws, &device)];
