@@ -276,9 +276,8 @@ impl ConvBn {
         }
         let y = kernels::conv2d(x, weight, options);
         record_conv_output(&y);
-        let y = kernels::batch_norm_train(&self.bn, y);
+        let y = kernels::batch_norm_train_act(&self.bn, y, self.act == ACT_RELU);
         match self.act {
-            ACT_RELU => relu(y),
             ACT_RELU6 => y.clamp(0.0, 6.0),
             _ => y,
         }

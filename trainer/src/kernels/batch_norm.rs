@@ -5,6 +5,9 @@
 //! forward is one pass for the statistics and one for the output; the backward one pass for
 //! the two per-channel sums and one for the input gradient. Same formulas as Burn's: biased
 //! variance of the centred input, `dx = gamma / std * (dy - mean(dy) - xhat * mean(dy xhat))`.
+//! A ReLU after it is fused in too: forward it clamps the output it writes anyway, backward it
+//! zeroes `dy` where the recomputed pre-activation is not positive, so the ReLU's own pass over
+//! the activation and its mask and gradient passes are gone.
 
 use burn::backend::AutodiffBackend;
 use burn::backend::Dispatch;
@@ -56,17 +59,30 @@ fn batch_norm_frozen(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 /// layer's momentum), through the fused kernel where [`super::enabled`], else through Burn;
 /// on the running statistics where [`frozen`].
 pub fn batch_norm_train(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    batch_norm_train_act(bn, x, false)
+}
+
+/// [`batch_norm_train`] followed by a ReLU where `relu`, fused into the kernel where it runs.
+pub fn batch_norm_train_act(bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
+    let act = |y: Tensor<4>| {
+        if relu {
+            burn::tensor::activation::relu(y)
+        } else {
+            y
+        }
+    };
     if frozen() && x.device().is_autodiff() {
-        return batch_norm_frozen(bn, x);
+        return act(batch_norm_frozen(bn, x));
     }
     if !super::enabled() || !x.device().is_autodiff() {
-        return bn.forward(x);
+        return act(bn.forward(x));
     }
     let (y, mean, var) = <Dispatch as TrainOps>::batch_norm_fused(
         x.into_dispatch(),
         bn.gamma.val().into_dispatch(),
         bn.beta.val().into_dispatch(),
         bn.epsilon,
+        relu,
     );
     let (mean, var) = (
         Tensor::<1>::from_dispatch(mean),
@@ -123,12 +139,13 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
         .unzip()
 }
 
-/// Forward on Flex: (output, mean, variance).
+/// Forward on Flex, with a ReLU where `relu`: (output, mean, variance).
 pub(super) fn forward(
     x: FlexTensor,
     gamma: FlexTensor,
     beta: FlexTensor,
     epsilon: f64,
+    relu: bool,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let x = x.to_contiguous();
     let (n, c, hw) = dims(&x);
@@ -143,10 +160,15 @@ pub(super) fn forward(
         .enumerate()
         .for_each(|(plane, (o, i))| {
             let ch = plane % c;
-            let scale = g[ch] / (var[ch] as f64 + epsilon).sqrt() as f32;
-            let shift = b[ch] - mean[ch] * scale;
-            for (o, &v) in o.iter_mut().zip(i) {
-                *o = v * scale + shift;
+            let (scale, shift) = affine(g[ch], b[ch], mean[ch], var[ch], epsilon);
+            if relu {
+                for (o, &v) in o.iter_mut().zip(i) {
+                    *o = (v * scale + shift).max(0.0);
+                }
+            } else {
+                for (o, &v) in o.iter_mut().zip(i) {
+                    *o = v * scale + shift;
+                }
             }
         });
     let shape = x.layout().shape().clone();
@@ -157,20 +179,44 @@ pub(super) fn forward(
     )
 }
 
-/// Backward on Flex: (dx, dgamma, dbeta).
+/// The per-channel scale and shift of the normalisation, computed one way for the forward and
+/// the ReLU's recomputed mask.
+fn affine(gamma: f32, beta: f32, mean: f32, var: f32, epsilon: f64) -> (f32, f32) {
+    let scale = gamma / (var as f64 + epsilon).sqrt() as f32;
+    (scale, beta - mean * scale)
+}
+
+/// Backward on Flex, through the fused ReLU where `relu`: (dx, dgamma, dbeta).
+#[allow(clippy::too_many_arguments)]
 fn backward(
     x: &FlexTensor,
     gamma: &FlexTensor,
+    beta: &FlexTensor,
     mean: &[f32],
     var: &[f32],
     epsilon: f64,
+    relu: bool,
     dy: FlexTensor,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let dy = dy.to_contiguous();
     let (n, c, hw) = dims(x);
-    let (xs, dys) = (x.storage::<f32>(), dy.storage::<f32>());
     let gamma = gamma.to_contiguous();
-    let g = gamma.storage::<f32>();
+    let beta = beta.to_contiguous();
+    let (g, b) = (gamma.storage::<f32>(), beta.storage::<f32>());
+    let dy = dy.to_contiguous();
+    let (xs, dys) = (x.storage::<f32>(), dy.storage::<f32>());
+    // With a fused ReLU, the gradient reaching the normalisation is `dy` where the
+    // pre-activation (recomputed exactly as the forward did) was positive, else 0.
+    let shifts: Vec<(f32, f32)> = (0..c)
+        .map(|ch| affine(g[ch], b[ch], mean[ch], var[ch], epsilon))
+        .collect();
+    let grad = |d: f32, v: f32, ch: usize| {
+        let (scale, shift) = shifts[ch];
+        if relu && v * scale + shift <= 0.0 {
+            0.0
+        } else {
+            d
+        }
+    };
     let inv_std: Vec<f32> = var
         .iter()
         .map(|&v| 1.0 / (v as f64 + epsilon).sqrt() as f32)
@@ -183,6 +229,7 @@ fn backward(
             for i in 0..n {
                 let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
                 for (&d, &v) in dys[r.clone()].iter().zip(&xs[r]) {
+                    let d = grad(d, v, ch);
                     s += d as f64;
                     sx += d as f64 * ((v - mean[ch]) * inv_std[ch]) as f64;
                 }
@@ -198,6 +245,7 @@ fn backward(
         let scale = g[ch] * inv_std[ch];
         let (md, mdx) = (dbeta[ch] / count, dgamma[ch] / count);
         for ((o, &d), &v) in out.iter_mut().zip(&dys[r.clone()]).zip(&xs[r]) {
+            let d = grad(d, v, ch);
             let xhat = (v - mean[ch]) * inv_std[ch];
             *o = scale * (d - md - xhat * mdx);
         }
@@ -214,14 +262,22 @@ fn backward(
 struct BatchNormFused;
 
 impl Backward<Flex, 3> for BatchNormFused {
-    // Input, gamma, batch mean and variance, epsilon.
-    type State = (FlexTensor, FlexTensor, Vec<f32>, Vec<f32>, f64);
+    // Input, gamma, beta, batch mean and variance, epsilon, fused ReLU.
+    type State = (
+        FlexTensor,
+        FlexTensor,
+        FlexTensor,
+        Vec<f32>,
+        Vec<f32>,
+        f64,
+        bool,
+    );
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (x, gamma, mean, var, eps) = ops.state;
-        let (dx, dgamma, dbeta) = backward(&x, &gamma, &mean, &var, eps, grad);
+        let (x, gamma, beta, mean, var, eps, relu) = ops.state;
+        let (dx, dgamma, dbeta) = backward(&x, &gamma, &beta, &mean, &var, eps, relu, grad);
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, dx);
         }
@@ -243,6 +299,7 @@ pub(super) fn autodiff_forward<C: CheckpointStrategy>(
     gamma: FloatTensor<Autodiff<Flex, C>>,
     beta: FloatTensor<Autodiff<Flex, C>>,
     epsilon: f64,
+    relu: bool,
 ) -> Triple<Autodiff<Flex, C>> {
     match BatchNormFused
         .prepare::<C>([x.node(), gamma.node(), beta.node()])
@@ -250,13 +307,17 @@ pub(super) fn autodiff_forward<C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (x, gamma) = (x.into_primitive().to_contiguous(), gamma.into_primitive());
-            let (y, mean, var) = forward(x.clone(), gamma.clone(), beta.into_primitive(), epsilon);
+            let (x, gamma, beta) = (
+                x.into_primitive().to_contiguous(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+            );
+            let (y, mean, var) = forward(x.clone(), gamma.clone(), beta.clone(), epsilon, relu);
             let (m, v) = (
                 mean.storage::<f32>().to_vec(),
                 var.storage::<f32>().to_vec(),
             );
-            let y = prep.finish((x, gamma, m, v, epsilon), y);
+            let y = prep.finish((x, gamma, beta, m, v, epsilon, relu), y);
             (
                 y,
                 <Autodiff<Flex, C> as AutodiffBackend>::from_inner(mean),
@@ -269,6 +330,7 @@ pub(super) fn autodiff_forward<C: CheckpointStrategy>(
                 gamma.into_primitive(),
                 beta.into_primitive(),
                 epsilon,
+                relu,
             );
             (
                 prep.finish(y),

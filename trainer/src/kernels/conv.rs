@@ -35,8 +35,9 @@ impl TrainOps for Flex {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        super::batch_norm::forward(x, gamma, beta, epsilon)
+        super::batch_norm::forward(x, gamma, beta, epsilon, relu)
     }
 }
 
@@ -89,8 +90,9 @@ impl<C: CheckpointStrategy> TrainOps for Autodiff<Flex, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        super::batch_norm::autodiff_forward::<C>(x, gamma, beta, epsilon)
+        super::batch_norm::autodiff_forward::<C>(x, gamma, beta, epsilon, relu)
     }
 }
 

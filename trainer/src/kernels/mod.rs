@@ -26,7 +26,8 @@ use burn::tensor::TensorData;
 use burn::tensor::ops::ConvOptions;
 
 pub use batch_norm::{
-    batch_norm_train, frozen as batch_norm_frozen, set_frozen as set_batch_norm_frozen,
+    batch_norm_train, batch_norm_train_act, frozen as batch_norm_frozen,
+    set_frozen as set_batch_norm_frozen,
 };
 pub use conv::{
     forward as conv_forward, input_grad as conv_input_grad, weight_grad as conv_weight_grad,
@@ -58,12 +59,14 @@ pub trait TrainOps: burn::backend::Backend {
         options: ConvOptions<2>,
     ) -> FloatTensor<Self>;
 
-    /// Batch norm with the batch's own statistics: (output, mean, biased variance).
+    /// Batch norm with the batch's own statistics, then a ReLU where `relu`: (output, mean,
+    /// biased variance).
     fn batch_norm_fused(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -241,15 +244,16 @@ mod tests {
             .add_scalar(1.5);
         let g = Tensor::<1>::random([5], Distribution::Normal(1.0, 0.5), &device);
         let b = Tensor::<1>::random([5], Distribution::Normal(0.0, 0.5), &device);
-        let bn_run = |on: bool| {
+        let bn_run = |on: bool, relu: bool| {
             set_enabled(on);
             let leaf1 = |t: &Tensor<1>| Tensor::<1>::from_data(t.to_data(), &device);
             let mut bn = BatchNormConfig::new(5).init(&device);
             bn.gamma = burn::module::Param::from_tensor(leaf1(&g));
             bn.beta = burn::module::Param::from_tensor(leaf1(&b));
             let xl = Tensor::<4>::from_data(x.to_data(), &device).require_grad();
-            let y = batch_norm_train(&bn, xl.clone());
-            let r = y.clone().sin();
+            let y = batch_norm_train_act(&bn, xl.clone(), relu);
+            // Shifted, so the gradient is not zero where the ReLU clamps to 0.
+            let r = y.clone().add_scalar(0.5).sin();
             let grads = (y.clone() * r.detach()).sum().backward();
             set_enabled(false);
             let v = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
@@ -264,11 +268,23 @@ mod tests {
                 v(bn.beta.val().grad(&grads).unwrap()),
             )
         };
-        let (on, off) = (bn_run(true), bn_run(false));
-        close(&on.0, &off.0, "batch norm output");
-        close(&on.1, &off.1, "batch norm input gradient");
-        close(&on.2, &off.2, "batch norm gamma gradient");
-        close(&on.3, &off.3, "batch norm beta gradient");
+        // Without and with the fused ReLU (about half the outputs are negative).
+        for relu in [false, true] {
+            let (on, off) = (bn_run(true, relu), bn_run(false, relu));
+            let what = if relu {
+                "batch norm + ReLU"
+            } else {
+                "batch norm"
+            };
+            close(&on.0, &off.0, &format!("{what} output"));
+            close(&on.1, &off.1, &format!("{what} input gradient"));
+            close(&on.2, &off.2, &format!("{what} gamma gradient"));
+            close(&on.3, &off.3, &format!("{what} beta gradient"));
+            if relu {
+                let zeros = on.0.iter().filter(|v| **v == 0.0).count();
+                assert!(zeros > on.0.len() / 4, "only {zeros} outputs clamped");
+            }
+        }
         let inputs = [x];
         // The running statistics move the same way.
         let stats = |on: bool| {
