@@ -361,6 +361,16 @@ fn im2col_span(x: &[f32], g: &Geometry, r: usize, n: usize, p0: usize, row: &mut
         let first = (a as isize * sx + off_x) as usize;
         if step == 1 {
             inner.copy_from_slice(&src[first..first + inner.len()]);
+        } else if step == 2 {
+            // Pairs, so the loop vectorises as a deinterleave (the indexed loop below stays
+            // scalar); the last value has no partner inside the row.
+            let len = inner.len();
+            let src = &src[first..first + 2 * len - 1];
+            let (body, last) = inner.split_at_mut(len - 1);
+            for (d, pair) in body.iter_mut().zip(src.chunks_exact(2)) {
+                *d = pair[0];
+            }
+            last[0] = src[2 * (len - 1)];
         } else {
             let src = &src[first..first + (inner.len() - 1) * step + 1];
             for (i, d) in inner.iter_mut().enumerate() {
