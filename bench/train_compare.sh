@@ -19,7 +19,7 @@ if [ ! -x $venv/bin/python ]; then
   python3 -m venv $venv
   $venv/bin/pip install -q "torch==$torch_version" numpy
 fi
-cargo build --release --workspace -q --bin polypwatch-train
+cargo build --release --workspace --all-targets -q  # the build CI makes: another target set changes feature unification and rebuilds tract
 cfg=trainer/configs/edge-multi.toml
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -17,7 +17,7 @@ data=../shared/datasets
 bin=target/release
 mkdir -p "$out/report" "$out/splits"
 
-cargo build --release -p polypwatch -p polypwatch-train --bins --examples
+cargo build --release --workspace --all-targets  # the build CI makes: -p changes feature unification and rebuilds tract
 
 if [ "${SKIP_EXPORT:-0}" != 1 ]; then
   # Burn's own evaluation of every carve-out (the trainer's tables).

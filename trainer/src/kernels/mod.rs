@@ -2,11 +2,14 @@
 //! added through Burn's backend-extension API (a backend trait of our own, implemented for
 //! `Flex` and for `Autodiff<Flex>` with a hand-written backward), not by patching Burn.
 //!
-//! - [`conv2d`]: Flex's convolution forward and input gradient, with a direct weight gradient
-//!   (one matrix product of the output gradient with the input's column layout) in place of
-//!   Burn's generic one, which runs it as a convolution with batch and channels swapped.
+//! - [`conv2d`]: convolution forward and input gradient as matrix products over the input's
+//!   column layout, and a direct weight gradient (one product of the output gradient with that
+//!   layout) in place of Burn's generic one, which runs it as a convolution with batch and
+//!   channels swapped. On the 24x24 and 48x48 maps the stride-1 ones skip the column layout:
+//!   each tap is an offset view of a padded row band (`implicit`).
 //! - [`batch_norm_train`]: batch statistics, normalisation and its backward in two passes over
-//!   the activation, in place of a dozen element-wise and reduction passes.
+//!   the activation, in place of a dozen element-wise and reduction passes;
+//!   [`batch_norm_train_act`] fuses the ReLU after it.
 //!
 //! The kernels are on only where [`set_enabled`] turned them on (the trainer does on the Flex
 //! backend); elsewhere the same functions call Burn's own operations, so tests can compare the
