@@ -34,20 +34,27 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() / reps as f64
 }
 
-/// The fastest of `reps` runs of `f` with the implicit-GEMM path on and off, interleaved so a
-/// burst of load hits both: (on, off).
-fn time_paths(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
-    let mut best = [f64::MAX; 2];
+/// The fastest of `reps` runs of `f` on the three paths, interleaved so a burst of load hits
+/// all: (direct kernel, implicit GEMM, column layout). The direct kernel takes the forward and
+/// stride-1 input gradient only; the weight gradient's first two are the implicit GEMM.
+fn time_paths(reps: usize, mut f: impl FnMut()) -> [f64; 3] {
+    use polypwatch_train::kernels::{set_direct_conv, set_implicit_gemm};
+    let mut best = [f64::MAX; 3];
     for _ in 0..reps {
-        for (i, on) in [true, false].into_iter().enumerate() {
-            polypwatch_train::kernels::set_implicit_gemm(on);
+        for (i, (direct, implicit)) in [(true, true), (false, true), (false, false)]
+            .into_iter()
+            .enumerate()
+        {
+            set_direct_conv(direct);
+            set_implicit_gemm(implicit);
             let t = Instant::now();
             f();
             best[i] = best[i].min(t.elapsed().as_secs_f64());
         }
     }
-    polypwatch_train::kernels::set_implicit_gemm(true);
-    (best[0], best[1])
+    set_direct_conv(true);
+    set_implicit_gemm(true);
+    best
 }
 
 /// (count, input, weight, stride, pad, dilation).
@@ -77,8 +84,8 @@ fn main() {
         (1, [8, 64, 48, 48], [64, 64, 3, 3], 1, 1, 1),
     ];
     let mut totals = [0f64; 6];
-    // Our three passes with the implicit-GEMM path and with the column layout throughout.
-    let mut paths = [[0f64; 2]; 3];
+    // Our three passes on each path: direct kernel, implicit GEMM, column layout throughout.
+    let mut paths = [[0f64; 3]; 3];
     println!(
         "layer                                   fwd ms  xgrad ms  wgrad ms  burn-wgrad ms   fwd GFLOP/s"
     );
@@ -174,17 +181,15 @@ fn main() {
             }),
         ];
         println!(
-            "   implicit GEMM / column layout, fastest of 5: forward {:.1} / {:.1} ms, input gradient {:.1} / {:.1} ms, weight gradient {:.1} / {:.1} ms",
-            passes[0].0 * 1e3,
-            passes[0].1 * 1e3,
-            passes[1].0 * 1e3,
-            passes[1].1 * 1e3,
-            passes[2].0 * 1e3,
-            passes[2].1 * 1e3
+            "   direct / implicit GEMM / column layout, fastest of 5: forward {}, input gradient {}, weight gradient {}",
+            ms3(passes[0]),
+            ms3(passes[1]),
+            ms3(passes[2])
         );
         for (acc, p) in paths.iter_mut().zip(passes) {
-            acc[0] += count as f64 * p.0;
-            acc[1] += count as f64 * p.1;
+            for (a, v) in acc.iter_mut().zip(p) {
+                *a += count as f64 * v;
+            }
         }
         let c = count as f64;
         for (t, v) in totals.iter_mut().zip([f, xg, bw, mine, mine_x, wg]) {
@@ -212,12 +217,18 @@ fn main() {
         totals[5] * 1e3
     );
     println!(
-        "step total, polypwatch, fastest runs, implicit GEMM / column layout: forward {:.0} / {:.0} ms, input gradient {:.0} / {:.0} ms, weight gradient {:.0} / {:.0} ms",
-        paths[0][0] * 1e3,
-        paths[0][1] * 1e3,
-        paths[1][0] * 1e3,
-        paths[1][1] * 1e3,
-        paths[2][0] * 1e3,
-        paths[2][1] * 1e3
+        "step total, polypwatch, fastest runs, direct / implicit GEMM / column layout: forward {}, input gradient {}, weight gradient {}",
+        ms3(paths[0]),
+        ms3(paths[1]),
+        ms3(paths[2])
     );
+}
+
+fn ms3(t: [f64; 3]) -> String {
+    format!(
+        "{:.1} / {:.1} / {:.1} ms",
+        t[0] * 1e3,
+        t[1] * 1e3,
+        t[2] * 1e3
+    )
 }

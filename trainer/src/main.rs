@@ -158,6 +158,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    polypwatch_train::kernels::keep_freed_memory();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

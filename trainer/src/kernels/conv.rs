@@ -399,6 +399,9 @@ impl SharedOut {
 
 /// Forward convolution without bias, `Y[n, :, tile] = W x cols(tile)`, a pixel tile at a time.
 pub(crate) fn forward_f32(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
+    if let Some(out) = super::direct::forward(x, w, g) {
+        return out;
+    }
     if super::implicit::applies(g) {
         return super::implicit::forward(x, w, g);
     }

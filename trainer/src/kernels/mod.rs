@@ -6,7 +6,9 @@
 //!   column layout, and a direct weight gradient (one product of the output gradient with that
 //!   layout) in place of Burn's generic one, which runs it as a convolution with batch and
 //!   channels swapped. On the 24x24 and 48x48 maps the stride-1 ones skip the column layout:
-//!   each tap is an offset view of a padded row band (`implicit`).
+//!   each tap is an offset view of a padded row band (`implicit`). Where the CPU has AVX-512,
+//!   the forward and stride-1 input gradient run instead on polypwatch-accel's direct
+//!   convolution kernel, the daemon's (`direct`).
 //! - [`batch_norm_train`]: batch statistics, normalisation and its backward in two passes over
 //!   the activation, in place of a dozen element-wise and reduction passes;
 //!   [`batch_norm_train_act`] fuses the ReLU after it.
@@ -17,6 +19,7 @@
 
 mod batch_norm;
 mod conv;
+mod direct;
 mod implicit;
 
 use std::cell::Cell;
@@ -35,6 +38,7 @@ pub use batch_norm::{
 pub use conv::{
     forward as conv_forward, input_grad as conv_input_grad, weight_grad as conv_weight_grad,
 };
+pub use direct::set_enabled as set_direct_conv;
 pub use implicit::set_enabled as set_implicit_gemm;
 
 thread_local! {
@@ -45,6 +49,31 @@ thread_local! {
 /// backend: another backend would panic on them.
 pub fn set_enabled(on: bool) {
     ENABLED.with(|e| e.set(on));
+}
+
+/// Keeps the step's freed buffers in the process instead of returning them to the kernel.
+///
+/// glibc serves blocks over its mmap threshold with fresh mappings and unmaps them when freed,
+/// and trims the heap's top past 128 KiB: every training step then faults its activation and
+/// gradient buffers in page by page (zeroed by the kernel) and, on two threads, unmaps them
+/// with a TLB shootdown to the other core. A 2-thread `bench` spent 3.4 s of 26 in the kernel
+/// so, and 0.7 s with these settings (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` and
+/// `MALLOC_TOP_PAD_` in the environment still override them). Elsewhere than glibc, nothing.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let set = |var: &str, param: libc::c_int, value: libc::c_int| {
+            if std::env::var_os(var).is_none() {
+                // SAFETY: mallopt only sets glibc's allocator parameters; called before any
+                // thread of ours allocates.
+                unsafe { libc::mallopt(param, value) };
+            }
+        };
+        // 32 MiB, glibc's largest: blocks up to it come from the heap.
+        set("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 32 << 20);
+        set("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, 1 << 30);
+        set("MALLOC_TOP_PAD_", libc::M_TOP_PAD, 64 << 20);
+    }
 }
 
 /// Whether this thread builds graphs with the kernels.
@@ -180,15 +209,20 @@ mod tests {
             ([2, 6, 30, 27], [5, 6, 3, 3], 1, 2, 2),
             ([2, 5, 25, 33], [4, 5, 1, 3], 1, 1, 1),
         ];
-        for (xs, ws, s, p, d) in cases {
-            let inputs = [random(xs, &device), random(ws, &device)];
-            let opts = ConvOptions::new([s, s], [p, p], [d, d], 1);
-            compare(
-                &inputs,
-                &|t| conv2d(t[0].clone(), t[1].clone(), opts.clone()),
-                &format!("conv {xs:?} {ws:?} s{s} p{p} d{d}"),
-            );
+        // The direct kernel (where the CPU has it) and the matrix products it stands in for.
+        for direct in [true, false] {
+            set_direct_conv(direct);
+            for (xs, ws, s, p, d) in cases {
+                let inputs = [random(xs, &device), random(ws, &device)];
+                let opts = ConvOptions::new([s, s], [p, p], [d, d], 1);
+                compare(
+                    &inputs,
+                    &|t| conv2d(t[0].clone(), t[1].clone(), opts.clone()),
+                    &format!("conv {xs:?} {ws:?} s{s} p{p} d{d} direct {direct}"),
+                );
+            }
         }
+        set_direct_conv(true);
     }
 
     /// Frozen, training-mode batch norm is the inference-mode function (running statistics),

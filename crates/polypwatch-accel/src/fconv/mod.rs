@@ -46,6 +46,7 @@ use crate::threads::SendPtr;
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod rule;
+mod slices;
 #[cfg(test)]
 mod tests;
 mod winograd;
@@ -53,6 +54,7 @@ mod winograd;
 mod x86_64;
 
 pub use rule::fuse;
+pub use slices::{ConvShape, SliceConv};
 
 /// Output channels per tile.
 const MR: usize = 8;
@@ -321,27 +323,31 @@ impl FConv {
             parts: &slices,
             plane: g.h * g.w,
         };
+        // SAFETY: `run_into` writes every element.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        self.run_into(
+            planes,
+            residual,
+            out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+        );
+        Ok(out)
+    }
+
+    /// The convolution of `input` into `out` (`m x oh x ow`, every element written).
+    fn run_into(&self, planes: Planes, residual: Option<&[f32]>, out: &mut [f32]) {
         let g = &self.geo;
-        let in_place = self.reads_in_place() && slices.len() == 1;
+        assert_eq!(out.len(), self.m * g.n());
         if let Some(wg) = &self.winograd {
-            // SAFETY: `run_winograd` writes every element.
-            let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
-            let mut ram = out.try_as_plain_ram_mut()?;
-            self.run_winograd(wg, planes, residual, ram.as_slice_mut::<f32>()?);
-            return Ok(out);
+            self.run_winograd(wg, planes, residual, out);
+            return;
         }
-        let x = if in_place {
-            std::borrow::Cow::Borrowed(slices[0])
+        let x = if self.reads_in_place() && planes.parts.len() == 1 {
+            std::borrow::Cow::Borrowed(planes.parts[0])
         } else {
             std::borrow::Cow::Owned(self.padded(planes))
         };
-        // SAFETY: every tile of every panel stores all its pixels: the whole output.
-        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
-        let ptr = SendPtr(
-            out.try_as_plain_ram_mut()?
-                .as_slice_mut::<f32>()?
-                .as_mut_ptr(),
-        );
+        // Every tile of every panel stores all its pixels: the whole output.
+        let ptr = SendPtr(out.as_mut_ptr());
         let (tiles, panels) = (self.tiles(), self.panels());
         // Whichever of the input and the weights is larger is read once, the other once per
         // tile or panel (from cache).
@@ -370,7 +376,6 @@ impl FConv {
                 unsafe { self.run_tile(&x, &tile, p, residual, ptr.0) };
             }
         });
-        Ok(out)
     }
 
     /// # Safety

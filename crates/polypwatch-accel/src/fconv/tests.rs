@@ -392,3 +392,84 @@ fn shipped_model_keeps_its_logits() {
         a.len()
     );
 }
+
+/// `SliceConv` against a plain loop over every output, tap and channel: direct and Winograd
+/// plans, strides, dilations, padding, 1x1.
+#[test]
+fn slice_conv_matches_a_plain_convolution() {
+    let cases = [
+        // (c, h, w, m, k, stride, dilation, pad)
+        (5, 20, 18, 11, 3, 1, 1, 1), // Winograd
+        (7, 12, 12, 9, 3, 1, 2, 2),  // direct: phases too small for Winograd
+        (3, 23, 37, 8, 7, 2, 1, 3),  // the stem
+        (6, 16, 16, 10, 3, 1, 6, 6), // most taps in padding
+        (4, 10, 10, 6, 1, 2, 1, 0),  // strided 1x1
+        (9, 17, 40, 5, 3, 1, 1, 2),  // padding wider than the kernel reaches
+    ];
+    for (c, h, w, m, k, st, d, p) in cases {
+        let shape = ConvShape {
+            channels: c,
+            height: h,
+            width: w,
+            outputs: m,
+            kernel: [k, k],
+            stride: [st, st],
+            dilation: [d, d],
+            padding: [p, p],
+        };
+        let weights = values(m * c * k * k, 5);
+        let x = values(c * h * w, 6);
+        let [oh, ow] = [h, w].map(|n| (n + 2 * p - d * (k - 1) - 1) / st + 1);
+        let mut expected = vec![0f32; m * oh * ow];
+        for o in 0..m {
+            for y in 0..oh {
+                for xo in 0..ow {
+                    let mut sum = 0f64;
+                    for ci in 0..c {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (y * st + ky * d) as isize - p as isize;
+                                let ix = (xo * st + kx * d) as isize - p as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[(ci * h + iy as usize) * w + ix as usize];
+                                let wv = weights[((o * c + ci) * k + ky) * k + kx];
+                                sum += f64::from(xv) * f64::from(wv);
+                            }
+                        }
+                    }
+                    expected[(o * oh + y) * ow + xo] = sum as f32;
+                }
+            }
+        }
+        let mut kernels = vec![Kernel::Portable];
+        kernels.extend(Kernel::fast());
+        for kernel in kernels {
+            let conv = SliceConv::new(shape, &weights, kernel).unwrap();
+            assert_eq!(conv.output_size(), [oh, ow], "{shape:?}");
+            let mut out = vec![f32::NAN; m * oh * ow];
+            conv.run(&x, &mut out);
+            let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let diff = expected
+                .iter()
+                .zip(&out)
+                .fold(0f32, |a, (e, o)| a.max((e - o).abs()));
+            assert!(
+                diff <= 1e-5 * scale,
+                "{shape:?} {kernel:?}: {diff} of {scale}"
+            );
+        }
+    }
+    let bad = ConvShape {
+        channels: 1,
+        height: 2,
+        width: 2,
+        outputs: 1,
+        kernel: [5, 5],
+        stride: [1, 1],
+        dilation: [1, 1],
+        padding: [0, 0],
+    };
+    assert!(SliceConv::new(bad, &[0.0; 25], Kernel::Portable).is_none());
+}
