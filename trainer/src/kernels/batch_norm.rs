@@ -184,7 +184,7 @@ pub(super) fn forward(
     let gamma = gamma.to_contiguous();
     let beta = beta.to_contiguous();
     let (g, b) = (gamma.storage::<f32>(), beta.storage::<f32>());
-    let mut out = vec![0f32; xs.len()];
+    let mut out = super::conv::zeroed(xs.len());
     out.par_chunks_mut(hw)
         .zip(xs.par_chunks(hw))
         .enumerate()
@@ -273,7 +273,7 @@ fn backward(
         })
         .unzip();
     let count = (n * hw) as f32;
-    let mut dx = vec![0f32; xs.len()];
+    let mut dx = super::conv::zeroed(xs.len());
     dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
         let ch = plane % c;
         let (grad, m, is) = channel(ch);

@@ -58,7 +58,7 @@ fn forward_on(kernel: Kernel, x: &[f32], w: &[f32], g: &Geometry) -> Option<Vec<
         return None;
     }
     let (image, out_image) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
-    let mut out = vec![0f32; g.n * out_image];
+    let mut out = super::conv::zeroed(g.n * out_image);
     // One image a task: the same sums on any thread count.
     out.par_chunks_mut(out_image)
         .zip(x.par_chunks(image))
