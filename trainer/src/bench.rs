@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
@@ -92,11 +92,7 @@ pub fn bench(cfg: &TrainConfig, opts: &BenchOptions) -> Result<BenchReport> {
     let ours = opts.backend == Backend::Flex && !opts.burn_kernels;
     kernels::set_enabled(ours);
     let mut model = DeepLab::new(&cfg.model, &device);
-    let mut adam = AdamConfig::new();
-    if cfg.train.weight_decay > 0.0 {
-        adam = adam.with_weight_decay(Some(WeightDecayConfig::new(cfg.train.weight_decay as f32)));
-    }
-    let mut optim = adam.init();
+    let mut optim = crate::kernels::adam(cfg.train.weight_decay);
     let crop = cfg.train.crop.unwrap_or(cfg.train.input_size) as usize;
     let bs = cfg.train.batch_size;
     let (x, y) = synthetic_batch(bs, crop, opts.seed, &device);

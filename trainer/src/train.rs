@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -550,11 +550,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
     let device = device.autodiff();
     crate::kernels::set_enabled(opts.backend == Backend::Flex);
     let mut model = DeepLab::new(&cfg.model, &device);
-    let mut adam = AdamConfig::new();
-    if cfg.train.weight_decay > 0.0 {
-        adam = adam.with_weight_decay(Some(WeightDecayConfig::new(cfg.train.weight_decay as f32)));
-    }
-    let mut optim = adam.init();
+    let mut optim = crate::kernels::adam(cfg.train.weight_decay);
     if let (None, Some(init)) = (&checkpoint, &cfg.train.init) {
         if is_onnx(init) {
             let crop = cfg.train.crop.unwrap_or(cfg.train.input_size);

@@ -6,7 +6,6 @@
 //! `dW[o, (c, kh, kw)] = sum_(n, p) dY[o, (n, p)] * cols[(c, kh, kw), (n, p)]`, with `cols` the
 //! input's column (im2col) layout, so the product's inner dimension is batch x output pixels.
 
-use burn::backend::Flex;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -15,11 +14,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::ModuleOps;
 use burn::backend::tensor::FloatTensor;
+use burn::backend::{AutodiffBackend, Flex};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Shape, TensorData};
 use rayon::prelude::*;
 
-use super::TrainOps;
+use super::{AdamScalars, TrainOps};
 
 impl TrainOps for Flex {
     fn conv2d_direct(
@@ -38,6 +38,16 @@ impl TrainOps for Flex {
         relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         super::batch_norm::forward(x, gamma, beta, epsilon, relu)
+    }
+
+    fn adam_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        scalars: AdamScalars,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        super::adam::step(param, grad, moment_1, moment_2, scalars)
     }
 }
 
@@ -93,6 +103,25 @@ impl<C: CheckpointStrategy> TrainOps for Autodiff<Flex, C> {
         relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         super::batch_norm::autodiff_forward::<C>(x, gamma, beta, epsilon, relu)
+    }
+
+    // Optimizers see the parameters' inner tensors; a tracked one is updated as a new leaf.
+    fn adam_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        scalars: AdamScalars,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (p, m, v) = super::adam::step(
+            param.into_primitive(),
+            grad.into_primitive(),
+            moment_1.into_primitive(),
+            moment_2.into_primitive(),
+            scalars,
+        );
+        let leaf = <Self as AutodiffBackend>::from_inner;
+        (leaf(p), leaf(m), leaf(v))
     }
 }
 

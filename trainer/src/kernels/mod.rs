@@ -17,6 +17,7 @@
 //! backend); elsewhere the same functions call Burn's own operations, so tests can compare the
 //! two on one thread.
 
+mod adam;
 mod batch_norm;
 mod conv;
 mod direct;
@@ -31,6 +32,7 @@ use burn::tensor::Tensor;
 use burn::tensor::TensorData;
 use burn::tensor::ops::ConvOptions;
 
+pub use adam::{AdamScalars, FusedAdam, adam};
 pub use batch_norm::{
     batch_norm_train, batch_norm_train_act, frozen as batch_norm_frozen,
     set_frozen as set_batch_norm_frozen,
@@ -99,6 +101,16 @@ pub trait TrainOps: burn::backend::Backend {
         beta: FloatTensor<Self>,
         epsilon: f64,
         relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// One Adam update of a parameter (never tracked): (parameter, first moment, second
+    /// moment).
+    fn adam_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        scalars: AdamScalars,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
