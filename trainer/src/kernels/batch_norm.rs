@@ -21,6 +21,8 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::nn::BatchNorm;
 use burn::tensor::{Shape, Tensor, TensorData};
+use std::mem::MaybeUninit;
+
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -182,15 +184,14 @@ pub(super) fn forward(
     let gamma = gamma.to_contiguous();
     let beta = beta.to_contiguous();
     let (g, b) = (gamma.storage::<f32>(), beta.storage::<f32>());
-    let mut out = super::conv::zeroed(xs.len());
-    out.par_chunks_mut(hw)
-        .zip(xs.par_chunks(hw))
-        .enumerate()
-        .for_each(|(plane, (o, i))| {
+    // SAFETY: `normalize` writes all of its plane.
+    let out = unsafe {
+        super::conv::written(xs.len(), hw, |plane, o| {
             let ch = plane % c;
             let (scale, shift) = affine(g[ch], b[ch], mean[ch], var[ch], epsilon);
-            normalize(o, i, scale, shift, relu);
-        });
+            normalize(o, &xs[plane * hw..(plane + 1) * hw], scale, shift, relu);
+        })
+    };
     let shape = x.layout().shape().clone();
     (
         FlexTensor::from_data(TensorData::new(out, shape)),
@@ -211,16 +212,17 @@ fn affine(gamma: f32, beta: f32, mean: f32, var: f32, epsilon: f64) -> (f32, f32
 // training step's samples, four lanes at a time. The same operations in the same order on
 // every path, so the same bits.
 
-/// `out = x * scale + shift`, clamped at 0 where `relu`.
+/// `out = x * scale + shift`, clamped at 0 where `relu`: every value of `out`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2"))]
-fn normalize(out: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
+fn normalize(out: &mut [MaybeUninit<f32>], x: &[f32], scale: f32, shift: f32, relu: bool) {
+    assert_eq!(out.len(), x.len());
     if relu {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = (v * scale + shift).max(0.0);
+            o.write((v * scale + shift).max(0.0));
         }
     } else {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = v * scale + shift;
+            o.write(v * scale + shift);
         }
     }
 }
@@ -267,13 +269,21 @@ fn grad_sums(dy: &[f32], x: &[f32], k: Channel) -> (f64, f64) {
     })
 }
 
-/// A plane's input gradient, `sums` being (gamma * inv_std, mean dy, mean dy * xhat).
+/// A plane's input gradient, `sums` being (gamma * inv_std, mean dy, mean dy * xhat): every
+/// value of `out`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2"))]
-fn input_grad(out: &mut [f32], dy: &[f32], x: &[f32], k: Channel, sums: (f32, f32, f32)) {
+fn input_grad(
+    out: &mut [MaybeUninit<f32>],
+    dy: &[f32],
+    x: &[f32],
+    k: Channel,
+    sums: (f32, f32, f32),
+) {
+    assert!(out.len() == dy.len() && out.len() == x.len());
     let (scale, md, mdx) = sums;
     for ((o, &d), &v) in out.iter_mut().zip(dy).zip(x) {
         let xhat = (v - k.mean) * k.inv_std;
-        *o = scale * (k.grad(d, v) - md - xhat * mdx);
+        o.write(scale * (k.grad(d, v) - md - xhat * mdx));
     }
 }
 
@@ -327,13 +337,15 @@ fn backward(
         })
         .unzip();
     let count = (n * hw) as f32;
-    let mut dx = super::conv::zeroed(xs.len());
-    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
-        let ch = plane % c;
-        let r = plane * hw..(plane + 1) * hw;
-        let sums = (g[ch] * inv_std[ch], dbeta[ch] / count, dgamma[ch] / count);
-        input_grad(out, &dys[r.clone()], &xs[r], channel(ch), sums);
-    });
+    // SAFETY: `input_grad` writes all of its plane.
+    let dx = unsafe {
+        super::conv::written(xs.len(), hw, |plane, out| {
+            let ch = plane % c;
+            let r = plane * hw..(plane + 1) * hw;
+            let sums = (g[ch] * inv_std[ch], dbeta[ch] / count, dgamma[ch] / count);
+            input_grad(out, &dys[r.clone()], &xs[r], channel(ch), sums);
+        })
+    };
     let shape = x.layout().shape().clone();
     (
         FlexTensor::from_data(TensorData::new(dx, shape)),

@@ -188,6 +188,26 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     v
 }
 
+/// `len` values written by `fill` a `chunk` at a time on the rayon threads (chunk index, its
+/// values), without the zero fill [`zeroed`] makes first: for outputs the kernel writes whole.
+///
+/// # Safety
+/// `fill` writes every value of every chunk it is given.
+pub(crate) unsafe fn written(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: the caller's `fill` wrote the first `len` values.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// A buffer of `len` values, every one of which the caller overwrites.
 pub(super) fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
