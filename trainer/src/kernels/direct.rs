@@ -22,13 +22,10 @@ pub fn set_enabled(on: bool) {
     ON.store(on, Ordering::Relaxed);
 }
 
-/// The kernel this CPU runs, where the path is on. The portable kernel is for tests, slower
-/// than the matrix products.
+/// The kernel this CPU runs (AVX-512 F, or NEON on aarch64), where the path is on. Never the
+/// portable kernel: it is for tests, slower than the matrix products.
 fn kernel() -> Option<Kernel> {
-    if !ON.load(Ordering::Relaxed) {
-        return None;
-    }
-    Kernel::fast().filter(|k| *k != Kernel::Portable)
+    ON.load(Ordering::Relaxed).then(Kernel::fast).flatten()
 }
 
 /// `Y = conv(X, W)` (NCHW, OIHW, no bias) where the kernel takes it, else `None`. 1x1
