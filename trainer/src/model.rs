@@ -505,7 +505,7 @@ impl Encoder {
             y = c.forward(y);
         }
         if let Some(p) = &self.maxpool {
-            y = p.forward(y);
+            y = crate::kernels::max_pool2d(p, y);
         }
         let mut low = None;
         for (i, b) in self.blocks.iter().enumerate() {

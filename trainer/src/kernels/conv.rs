@@ -19,7 +19,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Shape, TensorData};
 use rayon::prelude::*;
 
-use super::{AdamScalars, TrainOps};
+use super::{AdamScalars, PoolShape, TrainOps};
 
 impl TrainOps for Flex {
     fn conv2d_direct(
@@ -48,6 +48,10 @@ impl TrainOps for Flex {
         scalars: AdamScalars,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         super::adam::step(param, grad, moment_1, moment_2, scalars)
+    }
+
+    fn max_pool2d_argmax(x: FloatTensor<Self>, shape: PoolShape) -> FloatTensor<Self> {
+        super::pool::forward_untracked(x, shape)
     }
 }
 
@@ -122,6 +126,10 @@ impl<C: CheckpointStrategy> TrainOps for Autodiff<Flex, C> {
         );
         let leaf = <Self as AutodiffBackend>::from_inner;
         (leaf(p), leaf(m), leaf(v))
+    }
+
+    fn max_pool2d_argmax(x: FloatTensor<Self>, shape: PoolShape) -> FloatTensor<Self> {
+        super::pool::autodiff_forward::<C>(x, shape)
     }
 }
 

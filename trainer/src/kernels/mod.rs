@@ -22,6 +22,7 @@ mod batch_norm;
 mod conv;
 mod direct;
 mod implicit;
+mod pool;
 
 use std::cell::Cell;
 
@@ -42,6 +43,7 @@ pub use conv::{
 };
 pub use direct::set_enabled as set_direct_conv;
 pub use implicit::set_enabled as set_implicit_gemm;
+pub use pool::{PoolShape, max_pool2d};
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
@@ -112,6 +114,9 @@ pub trait TrainOps: burn::backend::Backend {
         moment_2: FloatTensor<Self>,
         scalars: AdamScalars,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Max pooling of `x` over `shape`'s windows (backward through the argmaxes).
+    fn max_pool2d_argmax(x: FloatTensor<Self>, shape: PoolShape) -> FloatTensor<Self>;
 }
 
 /// A 2-D convolution without bias: the direct weight gradient where [`enabled`], else Burn's.
@@ -235,6 +240,42 @@ mod tests {
             }
         }
         set_direct_conv(true);
+    }
+
+    #[test]
+    fn max_pool_matches_burn() {
+        use burn::nn::PaddingConfig2d;
+        use burn::nn::pool::MaxPool2dConfig;
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        // (input, kernel, stride, padding): the stem's 3x3 stride 2, odd and even sides, a
+        // window wider than tall, no padding.
+        let cases = [
+            ([2, 3, 9, 8], [3, 3], [2, 2], [1, 1]),
+            ([2, 2, 10, 10], [3, 3], [2, 2], [1, 1]),
+            ([1, 2, 7, 6], [2, 3], [1, 2], [0, 1]),
+            ([2, 2, 6, 6], [2, 2], [2, 2], [0, 0]),
+        ];
+        for (xs, k, s, p) in cases {
+            let pool = MaxPool2dConfig::new(k)
+                .with_strides(s)
+                .with_padding(PaddingConfig2d::Explicit(p[0], p[1], p[0], p[1]))
+                .init();
+            // Raw values, and after a ReLU: half zeros, so ties decide the gradient's place.
+            for relu in [false, true] {
+                let x = random(xs, &device);
+                let x = if relu {
+                    burn::tensor::activation::relu(x)
+                } else {
+                    x
+                };
+                compare(
+                    &[x],
+                    &|t| max_pool2d(&pool, t[0].clone()),
+                    &format!("max pool {xs:?} k{k:?} s{s:?} p{p:?} relu {relu}"),
+                );
+            }
+        }
     }
 
     /// Frozen, training-mode batch norm is the inference-mode function (running statistics),
