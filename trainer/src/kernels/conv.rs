@@ -271,16 +271,8 @@ pub(crate) fn weight_grad_f32(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
 fn weight_grad_whole(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     let p = g.oh * g.ow;
     let np = g.n * p;
-    let taps = g.kh * g.kw;
-    let rows = g.c * taps;
+    let rows = g.c * g.kh * g.kw;
     let mut out = vec![0f32; g.o * rows];
-    // The column rows of taps that read only padding are zeros, their gradient is 0: at the
-    // 12x12 training map the ASPP's rates 12 and 18 leave only the centre tap of nine.
-    let live = live_taps(g);
-    if live.is_empty() {
-        return out;
-    }
-    let live_rows = g.c * live.len();
     SCRATCH.with(|s| {
         let (cols_buf, dyt_buf) = &mut *s.borrow_mut();
         // The output gradient with the batch moved inside: [O, N, P].
@@ -296,45 +288,17 @@ fn weight_grad_whole(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
             });
             dyt
         };
-        let cols = scratch(cols_buf, live_rows * np);
-        cols.par_chunks_mut(np).enumerate().for_each(|(i, row)| {
-            let r = i / live.len() * taps + live[i % live.len()];
+        let cols = scratch(cols_buf, rows * np);
+        cols.par_chunks_mut(np).enumerate().for_each(|(r, row)| {
             for n in 0..g.n {
                 im2col_span(x, g, r, n, 0, &mut row[n * p..(n + 1) * p]);
             }
         });
-        let all = live.len() == taps;
-        let mut part = if all {
-            Vec::new()
-        } else {
-            vec![0f32; g.o * live_rows]
-        };
-        let dst = if all { &mut out } else { &mut part };
-        // SAFETY: `dst` is o x live_rows, `dyt` o x np and `cols` live_rows x np (read as its
-        // transpose), all row-major and alive for the call.
-        unsafe { accumulate(dst, g.o, live_rows, np, dyt.as_ptr(), np, cols, false, true) };
-        for (dst, src) in out.chunks_mut(rows).zip(part.chunks(live_rows.max(1))) {
-            for (i, &v) in src.iter().enumerate() {
-                dst[i / live.len() * taps + live[i % live.len()]] = v;
-            }
-        }
+        // SAFETY: `out` is o x rows, `dyt` o x np and `cols` rows x np (read as its transpose),
+        // all row-major and alive for the call.
+        unsafe { accumulate(&mut out, g.o, rows, np, dyt.as_ptr(), np, cols, false, true) };
     });
     out
-}
-
-/// The taps (`ky * kw + kx`) through which some output pixel reads an input pixel; the
-/// others read only padding.
-fn live_taps(g: &Geometry) -> Vec<usize> {
-    // Whether kernel offset `k` reaches inside the input for some output position on an axis.
-    let reaches = |k: usize, axis: usize, outputs: usize, inputs: usize| {
-        (0..outputs).any(|o| {
-            let i = (o * g.stride[axis] + k * g.dilation[axis]) as isize - g.pad[axis] as isize;
-            (0..inputs as isize).contains(&i)
-        })
-    };
-    (0..g.kh * g.kw)
-        .filter(|t| reaches(t / g.kw, 0, g.oh, g.h) && reaches(t % g.kw, 1, g.ow, g.w))
-        .collect()
 }
 
 fn weight_grad_tiled(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
