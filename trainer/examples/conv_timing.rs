@@ -57,6 +57,21 @@ fn time_paths(reps: usize, mut f: impl FnMut()) -> [f64; 3] {
     best
 }
 
+/// The fastest of `reps` runs of `f` with a switch on and off, interleaved: [on, off].
+fn time_toggled(reps: usize, switch: fn(bool), mut f: impl FnMut()) -> [f64; 2] {
+    let mut best = [f64::MAX; 2];
+    for _ in 0..reps {
+        for (i, on) in [true, false].into_iter().enumerate() {
+            switch(on);
+            let t = Instant::now();
+            f();
+            best[i] = best[i].min(t.elapsed().as_secs_f64());
+        }
+    }
+    switch(true);
+    best
+}
+
 /// (count, input, weight, stride, pad, dilation).
 type Layer = (usize, [usize; 4], [usize; 4], usize, usize, usize);
 
@@ -84,6 +99,7 @@ fn main() {
         (1, [8, 64, 48, 48], [64, 64, 3, 3], 1, 1, 1),
     ];
     let mut totals = [0f64; 6];
+    let mut pixel_major_totals = [0f64; 2];
     // Our three passes on each path: direct kernel, implicit GEMM, column layout throughout.
     let mut paths = [[0f64; 3]; 3];
     println!(
@@ -186,6 +202,19 @@ fn main() {
             ms3(passes[1]),
             ms3(passes[2])
         );
+        let pixel_major = time_toggled(5, polypwatch_train::kernels::set_pixel_major_wgrad, || {
+            drop(polypwatch_train::kernels::conv_weight_grad(
+                &x, &w, &dy, &opts,
+            ))
+        });
+        println!(
+            "   weight gradient, 3x3 pixel-major kernel on / off, fastest of 5: {:.1} / {:.1} ms",
+            pixel_major[0] * 1e3,
+            pixel_major[1] * 1e3
+        );
+        for (t, v) in pixel_major_totals.iter_mut().zip(pixel_major) {
+            *t += count as f64 * v;
+        }
         for (acc, p) in paths.iter_mut().zip(passes) {
             for (a, v) in acc.iter_mut().zip(p) {
                 *a += count as f64 * v;
@@ -221,6 +250,11 @@ fn main() {
         ms3(paths[0]),
         ms3(paths[1]),
         ms3(paths[2])
+    );
+    println!(
+        "step total, weight gradient, 3x3 pixel-major kernel on / off, fastest runs: {:.1} / {:.1} ms",
+        pixel_major_totals[0] * 1e3,
+        pixel_major_totals[1] * 1e3
     );
 }
 

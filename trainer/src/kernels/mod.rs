@@ -23,6 +23,7 @@ mod conv;
 mod direct;
 mod implicit;
 mod pool;
+mod wgrad;
 
 use std::cell::Cell;
 
@@ -44,6 +45,7 @@ pub use conv::{
 pub use direct::set_enabled as set_direct_conv;
 pub use implicit::set_enabled as set_implicit_gemm;
 pub use pool::{PoolShape, max_pool2d};
+pub use wgrad::set_enabled as set_pixel_major_wgrad;
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
@@ -225,6 +227,8 @@ mod tests {
             ([2, 40, 70, 50], [24, 40, 3, 3], 1, 1, 1),
             ([2, 6, 30, 27], [5, 6, 3, 3], 1, 2, 2),
             ([2, 5, 25, 33], [4, 5, 1, 3], 1, 1, 1),
+            // 48 output channels: the 3x3 weight gradient's two-vector and one-vector blocks.
+            ([1, 7, 26, 30], [48, 7, 3, 3], 1, 1, 1),
         ];
         // The direct kernel (where the CPU has it) and the matrix products it stands in for.
         for direct in [true, false] {
