@@ -105,6 +105,7 @@ pub fn bench(cfg: &TrainConfig, opts: &BenchOptions) -> Result<BenchReport> {
             y.clone(),
             cfg.train.bce_weight,
             cfg.train.dice_weight,
+            cfg.train.tversky_beta(),
         );
         losses.push(l.clone().into_scalar::<f32>() as f64);
         let grads = GradientsParams::from_grads(l.backward(), &model);

@@ -238,6 +238,18 @@ pub struct TrainSection {
     pub bce_weight: f64,
     /// Weight of the soft Dice term of the loss.
     pub dice_weight: f64,
+    /// Makes the Dice term a Tversky one: the share of its penalty on missed polyp pixels
+    /// (false negatives), the rest on false positives. Above 0.5 it favours recall, e.g. on
+    /// small polyps. Absent: 0.5, soft Dice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tversky_beta: Option<f64>,
+}
+
+impl TrainSection {
+    /// The Tversky term's false-negative share (0.5: soft Dice).
+    pub fn tversky_beta(&self) -> f64 {
+        self.tversky_beta.unwrap_or(0.5)
+    }
 }
 
 /// Augmentation applied to training crops.
@@ -317,6 +329,11 @@ impl TrainConfig {
         }
         if !(t.lr > 0.0 && t.lr < 1.0) {
             bail!("[train] lr = {} must be in (0, 1)", t.lr);
+        }
+        if let Some(b) = t.tversky_beta
+            && !(b > 0.0 && b < 1.0)
+        {
+            bail!("[train] tversky_beta = {b} must be in (0, 1) (0.5 is soft Dice)");
         }
         if t.lr_drop_epoch.is_some() != t.lr_after_drop.is_some() {
             bail!("[train] lr_drop_epoch and lr_after_drop go together");
@@ -450,5 +467,14 @@ mod tests {
     fn bad_values_are_refused() {
         let text = PRESETS[0].replace("input_size = ", "input_size = 1");
         assert!(TrainConfig::parse(&text).is_err());
+        for (beta, ok) in [("0.7", true), ("1.0", false), ("0", false)] {
+            let text =
+                PRESETS[0].replace("[train]\n", &format!("[train]\ntversky_beta = {beta}\n"));
+            let parsed = TrainConfig::parse(&text);
+            assert_eq!(parsed.is_ok(), ok, "tversky_beta = {beta}: {parsed:?}");
+            if let Err(e) = parsed {
+                assert!(format!("{e:#}").contains("tversky_beta"), "{e:#}");
+            }
+        }
     }
 }

@@ -138,8 +138,10 @@ impl RunDir {
     }
 }
 
-/// BCE-with-logits plus soft Dice (per image, smoothed by 1), weighted.
-pub fn loss(logits: Tensor<4>, target: Tensor<4>, bce_w: f64, dice_w: f64) -> Tensor<1> {
+/// BCE-with-logits plus soft Dice (per image, smoothed by 1), weighted. With `beta` other than
+/// 0.5 the Dice term is a Tversky one, `1 - (2 TP + 1) / (2 TP + 2 (1 - beta) FP + 2 beta FN +
+/// 1)`, which is soft Dice at 0.5 (computed as such, so runs without it keep their bits).
+pub fn loss(logits: Tensor<4>, target: Tensor<4>, bce_w: f64, dice_w: f64, beta: f64) -> Tensor<1> {
     let n = logits.dims()[0];
     // max(x, 0) - x y + log(1 + exp(-|x|)): stable for large |x|.
     let bce = (relu(logits.clone()) - logits.clone() * target.clone()
@@ -148,11 +150,18 @@ pub fn loss(logits: Tensor<4>, target: Tensor<4>, bce_w: f64, dice_w: f64) -> Te
     let p = sigmoid(logits).reshape([n as i32, -1]);
     let t = target.reshape([n as i32, -1]);
     let inter = (p.clone() * t.clone()).sum_dim(1);
-    let dice = (inter.mul_scalar(2.0).add_scalar(1.0)
-        / (p.sum_dim(1) + t.sum_dim(1)).add_scalar(1.0))
-    .neg()
-    .add_scalar(1.0)
-    .mean();
+    let denominator = if beta == 0.5 {
+        p.sum_dim(1) + t.sum_dim(1)
+    } else {
+        let (fp, fn_) = (p.sum_dim(1) - inter.clone(), t.sum_dim(1) - inter.clone());
+        inter.clone().mul_scalar(2.0)
+            + fp.mul_scalar(2.0 * (1.0 - beta))
+            + fn_.mul_scalar(2.0 * beta)
+    };
+    let dice = (inter.mul_scalar(2.0).add_scalar(1.0) / denominator.add_scalar(1.0))
+        .neg()
+        .add_scalar(1.0)
+        .mean();
     bce.mul_scalar(bce_w) + dice.mul_scalar(dice_w)
 }
 
@@ -669,6 +678,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
                     y.clone().inner(),
                     cfg.train.bce_weight,
                     cfg.train.dice_weight,
+                    cfg.train.tversky_beta(),
                 )
                 .into_scalar::<f32>()
             });
@@ -677,6 +687,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunState> {
                 y,
                 cfg.train.bce_weight,
                 cfg.train.dice_weight,
+                cfg.train.tversky_beta(),
             );
             let lv: f64 = l.clone().into_scalar::<f32>() as f64;
             if let Some(eval) = first_eval {
@@ -801,7 +812,7 @@ mod tests {
         let px = side * side;
         let empty = vec![0f32; px];
         let quiet = logits(vec![-12.0; px], 1, side);
-        let l = loss(quiet, logits(empty.clone(), 1, side), 0.0, 1.0).into_scalar::<f32>();
+        let l = loss(quiet, logits(empty.clone(), 1, side), 0.0, 1.0, 0.5).into_scalar::<f32>();
         assert!(l < 0.01, "empty on empty: {l}");
         // A 4x4 false blob on a polyp-free image.
         let mut blob = vec![-12.0f32; px];
@@ -815,6 +826,7 @@ mod tests {
             logits(empty.clone(), 1, side),
             0.0,
             1.0,
+            0.5,
         )
         .into_scalar::<f32>();
         assert!(l_blob > 0.9, "false blob: {l_blob}");
@@ -822,7 +834,55 @@ mod tests {
         let truth: Vec<f32> = blob.iter().map(|&v| f32::from(v > 0.0)).collect();
         let two = logits([blob.clone(), blob].concat(), 2, side);
         let target = logits([empty, truth].concat(), 2, side);
-        let l_pair = loss(two, target, 0.0, 1.0).into_scalar::<f32>();
+        let l_pair = loss(two, target, 0.0, 1.0, 0.5).into_scalar::<f32>();
         assert!((l_pair - l_blob / 2.0).abs() < 0.01, "{l_pair} vs {l_blob}");
+    }
+
+    /// The Tversky term is soft Dice at 0.5 (to the bit: the same formula), and above it costs
+    /// a missed polyp pixel more than a false one.
+    #[test]
+    fn tversky_term() {
+        let side = 8;
+        let px = side * side;
+        // Truth: the top half; prediction: the top quarter (misses) or top three quarters
+        // (false positives), with some soft values.
+        let truth: Vec<f32> = (0..px).map(|i| f32::from(i < px / 2)).collect();
+        let pred = |rows: usize| -> Vec<f32> {
+            (0..px)
+                .map(|i| {
+                    if i < rows * side {
+                        3.0
+                    } else {
+                        -3.0 + (i % 5) as f32 * 0.1
+                    }
+                })
+                .collect()
+        };
+        let run = |rows: usize, beta: f64| {
+            loss(
+                logits(pred(rows), 1, side),
+                logits(truth.clone(), 1, side),
+                0.3,
+                1.0,
+                beta,
+            )
+            .into_scalar::<f32>()
+        };
+        let near_half = run(2, 0.5 + 1e-9);
+        assert!(
+            (run(2, 0.5) - near_half).abs() < 1e-5,
+            "{} vs {near_half}",
+            run(2, 0.5)
+        );
+        let (under, over) = (run(2, 0.7), run(6, 0.7));
+        let (under_dice, over_dice) = (run(2, 0.5), run(6, 0.5));
+        assert!(
+            under > under_dice && over < over_dice,
+            "{under} {over} {under_dice} {over_dice}"
+        );
+        assert!(
+            under > over,
+            "misses {under} cost less than false positives {over}"
+        );
     }
 }

@@ -98,7 +98,7 @@ fn loss_goes_down_on_real_images() {
     let mut losses = Vec::new();
     for _ in 0..12 {
         let (x, y) = data::batch(&imgs, &masks, &recipe, &device);
-        let l = loss(model.forward(x), y, 1.0, 1.0);
+        let l = loss(model.forward(x), y, 1.0, 1.0, 0.5);
         losses.push(l.clone().into_scalar::<f32>() as f64);
         let grads = GradientsParams::from_grads(l.backward(), &model);
         model = optim.step(3e-3, model, grads);
