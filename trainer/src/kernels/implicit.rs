@@ -166,64 +166,50 @@ pub(crate) fn weight_grad(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     let t = Tiles::new(g);
     let taps = g.kh * g.kw;
     let len = g.o * g.c * taps;
-    let per = t.bands.len().div_ceil(PARTIAL_SUMS);
-    let partials: Vec<Vec<f32>> = t
-        .bands
-        .par_chunks(per)
-        .map(|chunk| {
-            let mut acc = vec![0f32; len];
-            for &(n, y0) in chunk {
-                let (_, tr, l) = t.band(g, y0);
-                SCRATCH.with(|s| {
-                    let (a, b) = &mut *s.borrow_mut();
-                    let xp = scratch(a, g.c * tr * t.wp);
-                    t.pad(x, g, n, y0, tr, xp);
-                    // The band's output gradient on the padded width, zero where the forward
-                    // threw values away.
-                    let dyw = scratch(b, g.o * l);
-                    for o in 0..g.o {
-                        let band = &mut dyw[o * l..][..l];
-                        for (r, row) in band.chunks_mut(t.wp).enumerate() {
-                            let src = &dy[((n * g.o + o) * g.oh + y0 + r) * g.ow..][..g.ow];
-                            let (real, pad) = row.split_at_mut(g.ow);
-                            real.copy_from_slice(src);
-                            pad.fill(0.0);
-                        }
-                    }
-                    for tap in 0..taps {
-                        // SAFETY: `acc` holds O x C x taps values, written at strides
-                        // (C * taps, taps) from the tap's offset; `dyw` is O x l; the view of
-                        // `xp` is l x C (strides 1, tr * wp) from the tap's offset, inside `xp`
-                        // as in `forward`.
-                        unsafe {
-                            gemm::gemm(
-                                g.o,
-                                g.c,
-                                l,
-                                acc.as_mut_ptr().add(tap),
-                                taps as isize,
-                                (g.c * taps) as isize,
-                                true,
-                                dyw.as_ptr(),
-                                1,
-                                l as isize,
-                                xp.as_ptr().add(t.tap(g, tap)),
-                                (tr * t.wp) as isize,
-                                1,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                    }
-                });
+    let partials = band_partials(x, g, &t, len, |acc, n, y0, xp, b| {
+        let (_, tr, l) = t.band(g, y0);
+        // The band's output gradient on the padded width, zero where the forward
+        // threw values away.
+        let dyw = scratch(b, g.o * l);
+        for o in 0..g.o {
+            let band = &mut dyw[o * l..][..l];
+            for (r, row) in band.chunks_mut(t.wp).enumerate() {
+                let src = &dy[((n * g.o + o) * g.oh + y0 + r) * g.ow..][..g.ow];
+                let (real, pad) = row.split_at_mut(g.ow);
+                real.copy_from_slice(src);
+                pad.fill(0.0);
             }
-            acc
-        })
-        .collect();
+        }
+        for tap in 0..taps {
+            // SAFETY: `acc` holds O x C x taps values, written at strides
+            // (C * taps, taps) from the tap's offset; `dyw` is O x l; the view of
+            // `xp` is l x C (strides 1, tr * wp) from the tap's offset, inside `xp`
+            // as in `forward`.
+            unsafe {
+                gemm::gemm(
+                    g.o,
+                    g.c,
+                    l,
+                    acc.as_mut_ptr().add(tap),
+                    taps as isize,
+                    (g.c * taps) as isize,
+                    true,
+                    dyw.as_ptr(),
+                    1,
+                    l as isize,
+                    xp.as_ptr().add(t.tap(g, tap)),
+                    (tr * t.wp) as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
     let mut out = vec![0f32; len];
     for part in &partials {
         out.iter_mut().zip(part).for_each(|(x, y)| *x += y);
@@ -239,35 +225,50 @@ fn weight_grad_pixel_major(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     let op = g.o.next_multiple_of(wgrad::LANES);
     let taps: [usize; wgrad::TAPS] = std::array::from_fn(|tap| t.tap(g, tap));
     let len = g.c * wgrad::TAPS * op;
+    let partials = band_partials(x, g, &t, len, |acc, n, y0, xp, b| {
+        let (rows, tr, l) = t.band(g, y0);
+        // In blocks of channels, pixel-major; zero in the thrown-away columns and
+        // the rounding-up channels.
+        let dyt = scratch(b, l * op);
+        dyt.fill(0.0);
+        for o in 0..g.o {
+            for r in 0..rows {
+                let src = &dy[((n * g.o + o) * g.oh + y0 + r) * g.ow..][..g.ow];
+                for (i, &v) in src.iter().enumerate() {
+                    dyt[wgrad::at(o, r * t.wp + i, l, op)] = v;
+                }
+            }
+        }
+        wgrad::accumulate(acc, xp, tr * t.wp, dyt, op, l, &taps);
+    });
+    wgrad::to_oihw(&partials, g.o, op)
+}
+
+/// [`PARTIAL_SUMS`] partial sums of `len` values over the bands of `t`, each band's share added
+/// by `add(sum, image, first output row, padded input rows, scratch buffer)`: a fixed split and
+/// order, so the same bits on any thread count.
+fn band_partials(
+    x: &[f32],
+    g: &Geometry,
+    t: &Tiles,
+    len: usize,
+    add: impl Fn(&mut [f32], usize, usize, &[f32], &mut Vec<f32>) + Sync,
+) -> Vec<Vec<f32>> {
     let per = t.bands.len().div_ceil(PARTIAL_SUMS);
-    let partials: Vec<Vec<f32>> = t
-        .bands
+    t.bands
         .par_chunks(per)
         .map(|chunk| {
             let mut acc = vec![0f32; len];
             for &(n, y0) in chunk {
-                let (rows, tr, l) = t.band(g, y0);
+                let (_, tr, _) = t.band(g, y0);
                 SCRATCH.with(|s| {
                     let (a, b) = &mut *s.borrow_mut();
                     let xp = scratch(a, g.c * tr * t.wp);
                     t.pad(x, g, n, y0, tr, xp);
-                    // In blocks of channels, pixel-major; zero in the thrown-away columns and
-                    // the rounding-up channels.
-                    let dyt = scratch(b, l * op);
-                    dyt.fill(0.0);
-                    for o in 0..g.o {
-                        for r in 0..rows {
-                            let src = &dy[((n * g.o + o) * g.oh + y0 + r) * g.ow..][..g.ow];
-                            for (i, &v) in src.iter().enumerate() {
-                                dyt[wgrad::at(o, r * t.wp + i, l, op)] = v;
-                            }
-                        }
-                    }
-                    wgrad::accumulate(&mut acc, xp, tr * t.wp, dyt, op, l, &taps);
+                    add(&mut acc, n, y0, xp, b);
                 });
             }
             acc
         })
-        .collect();
-    wgrad::to_oihw(&partials, g.o, op)
+        .collect()
 }

@@ -230,9 +230,11 @@ mod tests {
             // 48 output channels: the 3x3 weight gradient's two-vector and one-vector blocks.
             ([1, 7, 26, 30], [48, 7, 3, 3], 1, 1, 1),
         ];
-        // The direct kernel (where the CPU has it) and the matrix products it stands in for.
+        // The direct kernel and the 3x3 weight gradient's (where the CPU has them), and the
+        // matrix products they stand in for.
         for direct in [true, false] {
             set_direct_conv(direct);
+            set_pixel_major_wgrad(direct);
             for (xs, ws, s, p, d) in cases {
                 let inputs = [random(xs, &device), random(ws, &device)];
                 let opts = ConvOptions::new([s, s], [p, p], [d, d], 1);
@@ -244,6 +246,7 @@ mod tests {
             }
         }
         set_direct_conv(true);
+        set_pixel_major_wgrad(true);
     }
 
     #[test]
