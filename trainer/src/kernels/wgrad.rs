@@ -6,8 +6,8 @@
 //! band's output gradient is laid out pixel-major (`[pixel][output channel]`), so one
 //! pixel's gradients for 32 output channels are two vectors; each input channel's padded row
 //! is read in place, one broadcast per tap. A pixel then costs 2 vector loads and 9
-//! broadcasts for 18 fused multiply-adds into accumulators that stay in registers for the
-//! whole band: no packing, no horizontal sums.
+//! broadcasts for 18 fused multiply-adds into accumulators that stay in registers for a
+//! 128-pixel chunk: no packing, no horizontal sums.
 //!
 //! One thread, the step's 3x3 convolutions on the 48x48 and 24x24 maps, kernel on / off
 //! (`examples/conv_timing.rs`, fastest of 5 interleaved): the decoder's 176 -> 64 28.0 / 38.3
